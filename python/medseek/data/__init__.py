@@ -1,0 +1,1 @@
+"""Dataset manifests, public-dataset loaders and benchmark corpus builders."""
