@@ -1,0 +1,153 @@
+"""Concept-based explanations of hits (CEMRAG).
+
+CEMRAG decomposes a visual representation into interpretable clinical concepts. Here each
+item gets a concept score vector, one score per finding concept, either
+
+* from embeddings: ``cos(embedding, concept_embedding_c) - baseline_c``, the concept
+  embeddings being text-tower embeddings of concept prompts ("pleural effusion") and the
+  baseline a per-concept offset (e.g. the mean cosine over the archive) so that a score
+  above 0 means "more of this concept than usual"; or
+* from report evidence: the multi-hot ``medseek.text.evidence.concept_vector`` of a report.
+
+A concept explains a hit when it is present in both the query and the hit (both scores
+above ``min_score``); its contribution is the product ``query_score * hit_score``, so
+concepts strong on both sides rank first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._checks import as_float_array, check_count, check_finite_float, check_unit_rows
+
+__all__ = ["ConceptBank", "ConceptMatch", "concept_scores", "explain"]
+
+
+@dataclass(frozen=True)
+class ConceptMatch:
+    """One shared concept of a query and a hit."""
+
+    concept: str
+    query_score: float
+    hit_score: float
+    contribution: float
+
+
+@dataclass(frozen=True)
+class ConceptBank:
+    """Concept prompt embeddings for embedding-based explanations.
+
+    Attributes
+    ----------
+    names : tuple of str, length C
+        Concept names (e.g. ``medseek.text.lexicon.TOP14``), unique.
+    embeddings : np.ndarray, float32, shape (C, d)
+        L2-normalised text embeddings of one prompt per concept, in the collection's space.
+    baseline : np.ndarray, float64, shape (C,), optional
+        Subtracted from the cosines; zeros when omitted.
+    """
+
+    names: tuple[str, ...]
+    embeddings: np.ndarray
+    baseline: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        names = tuple(self.names)
+        if not names or not all(isinstance(s, str) for s in names) or len(set(names)) != len(names):
+            raise ValueError(f"names must be unique non-empty str, got {self.names!r}")
+        object.__setattr__(self, "names", names)
+        e = as_float_array("embeddings", self.embeddings, 2)
+        if e.shape[0] != len(names):
+            raise ValueError(f"embeddings must have {len(names)} rows (one per name), "
+                             f"got {e.shape}")
+        check_unit_rows("embeddings", e)
+        if self.baseline is not None:
+            b = np.asarray(self.baseline, dtype=np.float64)
+            if b.shape != (len(names),) or not np.isfinite(b).all():
+                raise ValueError(f"baseline must be finite with shape ({len(names)},), "
+                                 f"got {b.shape}")
+            object.__setattr__(self, "baseline", b)
+
+    def scores(self, embs: np.ndarray) -> np.ndarray:
+        """``concept_scores(embs, self.embeddings, self.baseline)``."""
+        return concept_scores(embs, self.embeddings, self.baseline)
+
+
+def concept_scores(
+    embs: np.ndarray, concept_embs: np.ndarray, baseline: np.ndarray | None = None
+) -> np.ndarray:
+    """Concept scores of embeddings: ``cos(e, concept_c) - baseline_c``.
+
+    Parameters
+    ----------
+    embs : np.ndarray, float32 or float64, shape (n, d) or (d,)
+        L2-normalised.
+    concept_embs : np.ndarray, float32 or float64, shape (C, d)
+        L2-normalised concept prompt embeddings.
+    baseline : np.ndarray, float, shape (C,), optional
+
+    Returns
+    -------
+    np.ndarray, float64, shape (n, C) (or (C,) for a single embedding)
+    """
+    single = isinstance(embs, np.ndarray) and embs.ndim == 1
+    x = as_float_array("embs", embs[None, :] if single else embs, 2)
+    c = as_float_array("concept_embs", concept_embs, 2)
+    if c.shape[1] != x.shape[1]:
+        raise ValueError(f"concept_embs must have {x.shape[1]} columns (the embeddings' dim), "
+                         f"got shape {c.shape}")
+    check_unit_rows("embs", x)
+    check_unit_rows("concept_embs", c)
+    out = x.astype(np.float64) @ c.astype(np.float64).T  # (n, C)
+    if baseline is not None:
+        out = out - np.asarray(baseline, dtype=np.float64)[None, :]
+    return out[0] if single else out
+
+
+def explain(
+    query_concepts: np.ndarray, hit_concepts: np.ndarray, concept_names: Sequence[str],
+    top: int = 3, *, min_score: float = 0.0,
+) -> list[tuple[ConceptMatch, ...]]:
+    """The concepts a query shares with each hit, strongest first.
+
+    Parameters
+    ----------
+    query_concepts : np.ndarray, float, shape (C,)
+        Concept scores of the query: ``concept_scores(query_emb, concept_embs)`` for an
+        embedding (or ``ConceptBank.scores``), or a report's concept vector.
+    hit_concepts : np.ndarray, float, shape (K, C)
+        Concept scores of the hits.
+    concept_names : sequence of str, length C
+    top : int >= 1
+        Most concepts listed per hit.
+    min_score : float
+        A concept is present on a side when its score is ``> min_score``.
+
+    Returns
+    -------
+    list of K tuples of ConceptMatch
+        Per hit, shared concepts sorted by ``contribution = query_score * hit_score``
+        (descending; ties by concept order), at most ``top``; empty when none is shared.
+    """
+    q = as_float_array("query_concepts", query_concepts, 1).astype(np.float64)
+    h = as_float_array("hit_concepts", hit_concepts, 2).astype(np.float64)
+    names = list(concept_names)
+    if len(names) != q.shape[0] or h.shape[1] != q.shape[0]:
+        raise ValueError(f"concept_names ({len(names)}), query_concepts {q.shape} and "
+                         f"hit_concepts {h.shape} must agree on the number of concepts")
+    if not (np.isfinite(q).all() and np.isfinite(h).all()):
+        raise ValueError("query_concepts and hit_concepts must be finite")
+    top = check_count("top", top)
+    floor = check_finite_float("min_score", min_score)
+    shared = (q[None, :] > floor) & (h > floor)  # (K, C)
+    contrib = np.where(shared, q[None, :] * h, -np.inf)
+    order = np.argsort(-contrib, axis=1, kind="stable")[:, :top]  # ties: concept order
+    out = []
+    for i in range(h.shape[0]):
+        out.append(tuple(
+            ConceptMatch(names[c], float(q[c]), float(h[i, c]), float(contrib[i, c]))
+            for c in order[i] if shared[i, c]))
+    return out

@@ -1,0 +1,318 @@
+"""The query pipeline: filter → ANN top-K' → region rerank → diversify → explain.
+
+``SearchPipeline`` ties the pure stages (rerank.py, diversify.py, explain.py) to the
+``Catalog`` (one ANN index per collection) and the ``Store`` (metadata, provenance,
+embeddings; the truth):
+
+1. *filter*: metadata filters become the ``allowed`` row keys of the ANN search
+   (``Store.filter_row_keys``); nothing is over-fetched and filtered afterwards.
+2. *ann*: exact or approximate top-K' by cosine in the collection's index.
+3. *fetch*: the candidates' ids, provenance and embeddings from the store (full records
+   are read for the final hits only); row keys the index still holds but the store no
+   longer does (deleted, not yet caught up) are dropped and counted as ``stale``.
+4. *rerank* (with a ``RegionQuery``): region children of the candidates (collection
+   ``region_collection``, same ``parent_id``, same region name) give the region
+   embedding; a region child with a ``z_range`` whose parent has chunk children
+   (``chunk_collection``) gets the overlap-weighted organ embedding of those chunks
+   instead; several crops of one region: the best-matching one counts.
+5. *diversify*: greedy MMR with provenance caps and near-duplicate removal.
+6. *explain*: shared concepts of query and hit, with a ``ConceptBank``.
+
+Per-stage wall times (seconds) come back in ``SearchResult.timings``; the filter and ANN
+stages of a batch of queries run once, and each result reports the batch's time for them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from medseek.index.records import ItemRecord
+
+from ._checks import check_count
+from .diversify import diversify as diversify_candidates
+from .explain import ConceptBank, ConceptMatch, explain as explain_hits
+from .query import RegionQuery, SearchConfig, SearchFilters
+from .rerank import mix_region_scores, organ_embedding, region_similarity
+from .store_reads import ChildRow, StoreReader
+
+if TYPE_CHECKING:  # annotations only: importing the catalog imports faiss
+    from medseek.index.catalog import Catalog
+    from medseek.index.store import Store
+
+__all__ = ["Hit", "RegionQuery", "SearchConfig", "SearchFilters", "SearchPipeline",
+           "SearchResult"]
+
+STAGES = ("filter", "ann", "fetch", "rerank", "diversify", "explain", "total")
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result.
+
+    Attributes
+    ----------
+    id : str
+    row_key : int
+    score : float
+        Final ranking score: the reranked score with a region query, else ``global_score``.
+    global_score : float
+        First-stage cosine.
+    region_score : float or None
+        Region cosine; None without a region query or when the hit lacks the region.
+    record : ItemRecord
+        Metadata and provenance; ``repr`` hides the patient and study pseudonyms.
+    matched_region : str or None
+        The region name when the hit had it.
+    region_id : str or None
+        Id of the region child that matched (the best-matching crop of that region).
+    explanation : tuple of ConceptMatch, or None
+        Shared concepts (None without a ``ConceptBank``).
+    relaxed : bool
+        Admitted only after the provenance caps were lifted.
+    """
+
+    id: str
+    row_key: int
+    score: float
+    global_score: float
+    region_score: float | None
+    record: ItemRecord
+    matched_region: str | None = None
+    region_id: str | None = None
+    explanation: tuple[ConceptMatch, ...] | None = None
+    relaxed: bool = False
+
+    @property
+    def patient_pseudonym(self) -> str | None:
+        return self.record.patient_pseudonym
+
+    @property
+    def study_pseudonym(self) -> str | None:
+        return self.record.study_pseudonym
+
+    @property
+    def source_document(self) -> str | None:
+        return self.record.source_document
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Hits of one query, what was skipped and why, and per-stage timings (seconds)."""
+
+    hits: list[Hit]
+    timings: dict[str, float]
+    candidates: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    stale: int = 0
+
+
+class SearchPipeline:
+    """The query pipeline over a catalog and its store (module docstring).
+
+    Parameters
+    ----------
+    catalog : Catalog
+        Opened catalog of ``store``.
+    store : Store
+    config : SearchConfig
+    concepts : ConceptBank, optional
+        Enables explanations (its dim must equal the searched collection's).
+    """
+
+    def __init__(self, catalog: Catalog, store: Store, config: SearchConfig = SearchConfig(),
+                 concepts: ConceptBank | None = None) -> None:
+        if catalog.store.config.path.resolve() != store.config.path.resolve():
+            raise ValueError("catalog must be built on the same store file as store")
+        self.catalog, self.store, self.config, self.concepts = catalog, store, config, concepts
+        self.reader = StoreReader(store)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> SearchPipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def search(
+        self, collection: str, query_emb: np.ndarray, k: int | None = None,
+        filters: SearchFilters | None = None, region: RegionQuery | None = None,
+        diversify: bool = True, explain: bool = True,
+    ) -> SearchResult | list[SearchResult]:
+        """Search ``collection`` for the query embedding(s).
+
+        Parameters
+        ----------
+        collection : str
+        query_emb : np.ndarray, float32, shape (d,) or (q, d)
+            L2-normalised query embedding(s) in the collection's space.
+        k : int, optional
+            Hits per query (default ``config.k``); ``k_prime`` grows to ``k`` if smaller.
+        filters : SearchFilters, optional
+        region : RegionQuery, optional
+            Enables the region rerank.
+        diversify : bool
+            MMR + caps; False keeps the (reranked) top-k.
+        explain : bool
+            Attach concept explanations (needs ``concepts``).
+
+        Returns
+        -------
+        SearchResult for a (d,) query, list of SearchResult for (q, d).
+        """
+        t_start = time.perf_counter()
+        single = isinstance(query_emb, np.ndarray) and query_emb.ndim == 1
+        queries = np.ascontiguousarray(query_emb[None, :] if single else query_emb)
+        k = self.config.k if k is None else check_count("k", k)
+        k_prime = max(self.config.k_prime, k)
+        if region is not None and region.embedding.ndim == 2 and (
+                single or region.embedding.shape[0] != queries.shape[0]):
+            raise ValueError(f"region.embedding must have one row per query ({queries.shape[0]}), "
+                             f"got shape {region.embedding.shape}")
+        filters = filters or SearchFilters()
+        t = time.perf_counter()
+        allowed = None if filters.is_empty() else self.store.filter_row_keys(
+            collection, **filters.as_kwargs())
+        t_filter = time.perf_counter() - t
+        t = time.perf_counter()
+        scores, keys = self.catalog.search(collection, queries, k_prime, allowed)  # (q, K')
+        t_ann = time.perf_counter() - t
+        shared = time.perf_counter() - t_start
+        results = []
+        for qi in range(queries.shape[0]):
+            t0 = time.perf_counter()
+            region_vec = None
+            if region is not None:
+                e = region.embedding
+                region_vec = e if e.ndim == 1 else e[qi]
+            res = self._one(collection, queries[qi], scores[qi], keys[qi], k, region, region_vec,
+                            diversify, explain)
+            res.timings.update(filter=t_filter, ann=t_ann,
+                               total=shared + time.perf_counter() - t0)
+            results.append(res)
+        return results[0] if single else results
+
+    # -- one query, after the ANN stage ----------------------------------------------------
+    def _one(self, collection, query, scores, keys, k, region, region_vec, diversify, explain):
+        timings = dict.fromkeys(STAGES, 0.0)
+        t = time.perf_counter()
+        valid = keys >= 0
+        cands = self.reader.candidates(keys[valid])
+        live = np.array([c == collection for c in cands.collections], dtype=bool)
+        stale = int(valid.sum()) - int(live.sum())
+        timings["fetch"] = time.perf_counter() - t
+        if not live.any():
+            return SearchResult([], timings, 0, stale=stale)
+        global_scores = scores[valid][cands.positions[live]].astype(np.float64)  # (K',)
+        ids = [i for i, ok in zip(cands.ids, live) if ok]
+        prov = {key: [v for v, ok in zip(values, live) if ok]
+                for key, values in cands.provenance.items()}
+        row_keys, embs = cands.row_keys[live], cands.embeddings[live]  # (K',), (K', d)
+
+        t = time.perf_counter()
+        ranked = global_scores
+        region_sims = np.full(len(ids), np.nan)
+        region_ids: list[str | None] = [None] * len(ids)
+        if region is not None:
+            region_embs, region_ids = self._region_embeddings(ids, region.name, region_vec)
+            region_sims = region_similarity(region_vec, region_embs)
+            ranked = mix_region_scores(region_sims, global_scores, self.config.rerank_alpha,
+                                       self.config.missing_region_penalty)
+        order = np.argsort(-ranked, kind="stable")  # ties keep the first-stage order
+        timings["rerank"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        skipped: list[tuple[str, str]] = []
+        relaxed = np.zeros(min(k, order.size), dtype=bool)
+        if diversify:
+            ordered_prov = {key: [prov[key][i] for i in order] for key in self.config.caps}
+            div = diversify_candidates(
+                ranked[order], embs[order], ordered_prov, k, self.config.lam, self.config.caps,
+                self.config.dup_threshold, relax_caps=self.config.relax_caps)
+            picks, relaxed = order[div.selected], div.relaxed
+            for j, why in sorted(div.skipped.items()):
+                skipped.append((ids[order[j]], f"{why.reason} of {ids[order[why.by]]}"))
+        else:
+            picks = order[:k]
+        timings["diversify"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        explanations: list = [None] * picks.size
+        if explain and self.concepts is not None and picks.size:
+            explanations = explain_hits(self.concepts.scores(query),
+                                        self.concepts.scores(embs[picks]),
+                                        self.concepts.names, self.config.explain_top)
+        timings["explain"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        records = self.reader.items(row_keys[picks])  # full records for the hits only
+        hits = []
+        for n, (i, stored) in enumerate(zip(picks, records)):
+            if stored is None:  # deleted between the two reads
+                stale += 1
+                continue
+            has_region = not np.isnan(region_sims[i])
+            hits.append(Hit(
+                id=ids[i], row_key=int(row_keys[i]), score=float(ranked[i]),
+                global_score=float(global_scores[i]),
+                region_score=float(region_sims[i]) if has_region else None,
+                record=stored.record,
+                matched_region=region.name if region is not None and has_region else None,
+                region_id=region_ids[i], explanation=explanations[n], relaxed=bool(relaxed[n])))
+        timings["fetch"] += time.perf_counter() - t
+        return SearchResult(hits, timings, len(ids), skipped, stale)
+
+    def _region_embeddings(
+        self, ids: list[str], name: str, query: np.ndarray
+    ) -> tuple[np.ndarray, list[str | None]]:
+        """Best-matching region embedding of each candidate (NaN row if it has none)."""
+        regions = self.reader.children(ids, self.config.region_collection, name)
+        with_z = [pid for pid, rows in regions.items() if any(r.z_range is not None for r in rows)]
+        chunks = self.reader.children(with_z, self.config.chunk_collection) if with_z else {}
+        d = query.shape[0]
+        owners, vecs, child_ids = [], [], []
+        for i, pid in enumerate(ids):
+            for child in regions.get(pid, ()):
+                vec = _child_vector(child, chunks.get(pid, ()))
+                if vec is None:
+                    continue
+                if vec.shape != (d,):
+                    raise ValueError(f"region.embedding has dim {d} but the region embeddings "
+                                     f"of {name!r} have dim {vec.shape[0]}")
+                owners.append(i)
+                vecs.append(vec)
+                child_ids.append(child.id)
+        out = np.full((len(ids), d), np.nan, dtype=np.float32)
+        matched: list[str | None] = [None] * len(ids)
+        if vecs:
+            stacked = np.stack(vecs)  # (m, d): every usable child of every candidate
+            sims = stacked.astype(np.float64) @ query.astype(np.float64)  # (m,)
+            # best child per candidate: the first of each owner in descending-cosine order
+            # (stable, so equal cosines keep row-key order)
+            by_sim = np.argsort(-sims, kind="stable")
+            owner_of = np.asarray(owners)[by_sim]
+            _, first = np.unique(owner_of, return_index=True)
+            for j in by_sim[first]:
+                out[owners[j]] = stacked[j]
+                matched[owners[j]] = child_ids[j]
+        return out, matched
+
+
+def _child_vector(child: ChildRow, chunks: Sequence[ChildRow]) -> np.ndarray | None:
+    """The embedding a region child stands for: its chunks' organ embedding, else its own."""
+    if child.z_range is None or not chunks:
+        return child.embedding
+    usable = [c for c in chunks if c.z_range is not None and c.embedding is not None]
+    if usable:
+        vec = organ_embedding(np.stack([c.embedding for c in usable]),
+                              np.array([c.z_range for c in usable], dtype=np.int64),
+                              child.z_range)
+        if vec is not None:
+            return vec
+    return child.embedding

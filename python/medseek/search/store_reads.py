@@ -1,0 +1,215 @@
+"""Reads the search pipeline needs that ``Store`` does not offer: items by row key, children.
+
+An ANN index answers with row keys, and region reranking needs the region (and chunk)
+children of the candidates; ``Store`` reads items by client id only. Until it grows
+``get_by_row_keys(row_keys, with_embeddings)`` and ``children(parent_ids, collection,
+region)``, this module reads the same SQLite file through its *own read-only connection*
+(``mode=ro``), using the store's public schema helpers (``ITEM_COLUMNS``,
+``record_from_row``) and its public ``config`` (path, model tag). The store's private
+connection and lock are not touched. In WAL mode a reader sees the last committed state
+and never blocks the writer, so an acknowledged delete is visible here at once: a row key
+the index still holds but the store no longer does comes back as None, and the pipeline
+drops it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from medseek.index.records import ITEM_COLUMNS, StoredItem, record_from_row
+
+if TYPE_CHECKING:
+    from medseek.index.store import Store
+
+__all__ = ["Candidates", "ChildRow", "StoreReader"]
+
+_N_ITEM_COLUMNS = len(ITEM_COLUMNS.split(", "))
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The fields ranking needs of ANN candidates (full records are built for hits only).
+
+    Attributes
+    ----------
+    row_keys : np.ndarray, int64, shape (n,)
+        Live candidates that have an embedding of the store's model, in the asked order.
+    positions : np.ndarray, int64, shape (n,)
+        Index of each in the ``row_keys`` asked for.
+    ids, collections : list of str, length n
+    provenance : dict of str to list of (str or None)
+        "patient", "study", "document" pseudonyms (never logged).
+    embeddings : np.ndarray, float32, shape (n, d)
+    """
+
+    row_keys: np.ndarray
+    positions: np.ndarray
+    ids: list[str]
+    collections: list[str]
+    provenance: dict[str, list[str | None]] = field(repr=False)
+    embeddings: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ChildRow:
+    """A chunk or region child: its id, parent, region name, z-range and embedding."""
+
+    id: str
+    parent_id: str
+    region: str | None
+    z_range: tuple[int, int] | None
+    embedding: np.ndarray | None = field(repr=False)
+
+
+def _check_keys(row_keys: object) -> np.ndarray:
+    keys = np.asarray(row_keys)
+    if keys.dtype.kind not in "iu" or keys.ndim != 1:
+        raise TypeError(f"row_keys must be a 1-D int array, got {keys.dtype} {keys.shape}")
+    return keys
+
+
+class StoreReader:
+    """Read-only views of a ``Store`` by row key and by parent.
+
+    Parameters
+    ----------
+    store : Store
+        Its ``config.path`` is opened read-only; its ``config.model`` picks the embeddings.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.model = store.config.model
+        uri = f"{store.config.path.resolve().as_uri()}?mode=ro"
+        self._con = sqlite3.connect(uri, uri=True, check_same_thread=False,
+                                    timeout=store.config.busy_timeout_s)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+    def __enter__(self) -> StoreReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _items(self, where: str, args: tuple, with_embeddings: bool) -> list[StoredItem]:
+        vector = ("(SELECT vector FROM embeddings e WHERE e.row_key = items.row_key "
+                  "AND e.model = ?)") if with_embeddings else "NULL"
+        sql = (f"SELECT {ITEM_COLUMNS}, row_key, seq, created_at, updated_at, {vector} "
+               f"FROM items WHERE {where}")
+        with self._lock:
+            rows = self._con.execute(sql, ((self.model,) if with_embeddings else ()) + args
+                                     ).fetchall()
+        n = _N_ITEM_COLUMNS
+        out = []
+        for row in rows:
+            emb = None
+            if row[n + 4] is not None:
+                emb = np.frombuffer(row[n + 4], dtype="<f4").astype(np.float32)
+            out.append(StoredItem(record_from_row(row[:n]), *row[n:n + 4], embedding=emb))
+        return out
+
+    def items(
+        self, row_keys: np.ndarray, *, with_embeddings: bool = False
+    ) -> list[StoredItem | None]:
+        """Items by row key, aligned with ``row_keys``; None for keys no longer live.
+
+        Parameters
+        ----------
+        row_keys : np.ndarray, int64, shape (n,)
+        with_embeddings : bool
+            Also read each item's embedding of the store's model (None if it has none).
+
+        Returns
+        -------
+        list of (StoredItem or None), length n
+        """
+        keys = _check_keys(row_keys)
+        found = self._items("row_key IN (SELECT value FROM json_each(?))",
+                            (json.dumps(keys.tolist()),), with_embeddings)
+        by_key = {it.row_key: it for it in found}
+        return [by_key.get(int(k)) for k in keys]
+
+    def candidates(self, row_keys: np.ndarray) -> Candidates:
+        """What ranking needs of ANN candidates, without building full records.
+
+        Parameters
+        ----------
+        row_keys : np.ndarray, int, shape (n,)
+
+        Returns
+        -------
+        Candidates
+            The live ones that hold an embedding of the store's model, in the given order.
+        """
+        keys = _check_keys(row_keys)
+        with self._lock:
+            rows = self._con.execute(
+                "SELECT i.row_key, i.item_id, i.collection, i.patient_pseudonym, "
+                "i.study_pseudonym, i.source_document, e.vector FROM items i "
+                "JOIN embeddings e ON e.row_key = i.row_key AND e.model = ? "
+                "WHERE i.row_key IN (SELECT value FROM json_each(?))",
+                (self.model, json.dumps(keys.tolist()))).fetchall()
+        by_key = {r[0]: r for r in rows}
+        found = [(pos, by_key[k]) for pos, k in enumerate(keys.tolist()) if k in by_key]
+        dims = {len(r[6]) for _, r in found}
+        if len(dims) > 1:
+            raise ValueError(f"row_keys mix embeddings of several dims {sorted(dims)}")
+        d = dims.pop() // 4 if dims else 0
+        embs = np.frombuffer(b"".join(r[6] for _, r in found), dtype="<f4")
+        return Candidates(
+            row_keys=np.array([r[0] for _, r in found], dtype=np.int64),
+            positions=np.array([pos for pos, _ in found], dtype=np.int64),
+            ids=[r[1] for _, r in found], collections=[r[2] for _, r in found],
+            provenance={"patient": [r[3] for _, r in found], "study": [r[4] for _, r in found],
+                        "document": [r[5] for _, r in found]},
+            embeddings=embs.astype(np.float32).reshape(len(found), d))
+
+    def children(
+        self, parent_ids: Sequence[str], collection: str, region: str | None = None
+    ) -> dict[str, list[ChildRow]]:
+        """Children (chunks, regions) of the given parents in ``collection``.
+
+        Parameters
+        ----------
+        parent_ids : sequence of str
+            Item ids of the parents.
+        collection : str
+            The children's collection, e.g. "region" or "chunk".
+        region : str, optional
+            Keep only children with this region name.
+
+        Returns
+        -------
+        dict of str to list of ChildRow
+            Parent id -> its children ordered by row key; parents without any are absent.
+        """
+        if isinstance(parent_ids, str):
+            raise TypeError("parent_ids must be a sequence of str, got a str")
+        # unary + keeps SQLite off the (collection, seq) index: the parent_id index is the
+        # selective one (a scan of every row of the collection otherwise)
+        where = "i.parent_id IN (SELECT value FROM json_each(?)) AND +i.collection = ?"
+        args: tuple = (self.model, json.dumps(list(parent_ids)), collection)
+        if region is not None:
+            where += " AND i.region = ?"
+            args += (region,)
+        with self._lock:
+            rows = self._con.execute(
+                "SELECT i.item_id, i.parent_id, i.region, i.z_start, i.z_end, e.vector "
+                "FROM items i LEFT JOIN embeddings e ON e.row_key = i.row_key AND e.model = ? "
+                f"WHERE {where} ORDER BY i.row_key", args).fetchall()
+        out: dict[str, list[ChildRow]] = {}
+        for item_id, parent, name, z0, z1, blob in rows:
+            emb = None if blob is None else np.frombuffer(blob, dtype="<f4").astype(np.float32)
+            z = None if z0 is None else (int(z0), int(z1))
+            out.setdefault(parent, []).append(ChildRow(item_id, parent, name, z, emb))
+        return out
