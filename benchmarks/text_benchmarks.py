@@ -1,0 +1,212 @@
+"""Report-to-report retrieval on the real Indiana University chest X-ray reports.
+
+Every report with a non-empty findings + impression text queries all the other such
+reports (itself excluded: its score is set to -inf). Three rankers are compared:
+
+- BM25 (``rank_bm25.BM25Okapi``) over a simple tokeniser: lower case, alphanumeric
+  runs, the anonymisation token ``xxxx`` and a few function words dropped;
+- the pretrained MiniLM-L6 text tower (:mod:`medseek.models.text_tower`), cosine of
+  L2-normalised embeddings;
+- the evidence concept vectors of :func:`medseek.text.evidence.concept_vector` over
+  the whole finding lexicon plus a ``normal`` axis set when no finding is asserted,
+  cosine. Many reports share one concept vector; ties are broken by report order.
+  The lexicon was tuned to agree with these same MeSH labels, so this row is an upper
+  reference for label-aware retrieval, not a fair competitor of the two above;
+- the mean of the MiniLM and concept cosines.
+
+Relevance is graded: the Jaccard overlap of the two reports' sets of MeSH headings
+(first path component of each human ``mesh_major`` term, lower case), where
+``normal`` counts as a label and ``No Indexing`` is dropped. So two normal reports
+have relevance 1, a normal and an abnormal one 0, and "cardiomegaly + effusion" vs
+"cardiomegaly" 0.5. nDCG@10 is computed per query with
+:func:`medseek.eval.metrics.ndcg_at_k` and summarised with a 95% percentile bootstrap
+over queries (:func:`medseek.eval.bootstrap.bootstrap_ci`), for all queries and for the
+abnormal ones (queries whose labels are not just ``normal``).
+
+The report texts are read at run time from the installed ``torchxrayvision`` package
+(CC BY-NC-ND); nothing derived from them is written except the MiniLM embedding cache
+under ``runs/`` (git-ignored, local only).
+
+Usage::
+
+    python benchmarks/text_benchmarks.py [--k 10] [--n-boot 1000] [--cache runs/text_bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+STOPWORDS = frozenset(
+    "a an and are as at be been by for from has have in is it of on or the there this "
+    "to was were with xxxx".split()
+)
+DROPPED_LABELS = frozenset({"no indexing"})
+
+
+def tokenize(text: str) -> list[str]:
+    """BM25 tokens: lower-case alphanumeric runs without stop words."""
+    return [t for t in re.findall(r"[a-z0-9]+", text.lower()) if t not in STOPWORDS]
+
+
+def label_sets(reports) -> list[frozenset[str]]:
+    return [
+        frozenset(m.split("/")[0].strip().lower() for m in r.mesh_major) - DROPPED_LABELS
+        for r in reports
+    ]
+
+
+def jaccard_relevance(labels: list[frozenset[str]]) -> np.ndarray:
+    """``(N, N)`` float64 Jaccard overlap of label sets (0 where both are empty)."""
+    vocab = sorted(set().union(*labels))
+    index = {name: i for i, name in enumerate(vocab)}
+    onehot = np.zeros((len(labels), len(vocab)), dtype=np.float64)
+    for row, names in enumerate(labels):
+        onehot[row, [index[n] for n in names]] = 1.0
+    inter = onehot @ onehot.T
+    sizes = onehot.sum(1)
+    union = sizes[:, None] + sizes[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def bm25_scores(texts: list[str], check: int = 5) -> np.ndarray:
+    """All-pairs BM25 scores, ``(N, N)`` float64, row = query.
+
+    ``BM25Okapi`` is fitted by rank-bm25 (idf with its epsilon floor, k1, b, average
+    length); its per-query ``get_scores`` loops in Python over every document, which
+    would take many minutes for 3,927 x 3,927 pairs, so the same formula is evaluated
+    as one sparse product ``Q @ W`` (query term counts x per-document term weights).
+    The first ``check`` rows are asserted equal to ``get_scores``.
+    """
+    from rank_bm25 import BM25Okapi
+    from scipy import sparse
+
+    docs = [tokenize(t) for t in texts]
+    bm25 = BM25Okapi(docs)
+    vocab = {w: i for i, w in enumerate(bm25.idf)}
+    idf = np.array([bm25.idf[w] for w in vocab])
+    doc_len = np.asarray(bm25.doc_len, dtype=np.float64)
+    rows, cols, tf = [], [], []
+    for d, freqs in enumerate(bm25.doc_freqs):
+        for w, f in freqs.items():
+            rows.append(d)
+            cols.append(vocab[w])
+            tf.append(f)
+    tf = np.asarray(tf, dtype=np.float64)
+    norm = bm25.k1 * (1 - bm25.b + bm25.b * doc_len[rows] / bm25.avgdl)
+    weight = idf[cols] * tf * (bm25.k1 + 1) / (tf + norm)
+    w_mat = sparse.csr_matrix((weight, (rows, cols)), shape=(len(docs), len(vocab)))
+    # a query term counts once per occurrence, as in get_scores
+    q_mat = sparse.csr_matrix((tf, (rows, cols)), shape=(len(docs), len(vocab)))
+    scores = np.asarray((q_mat @ w_mat.T).todense())
+    for q in range(min(check, len(docs))):
+        np.testing.assert_allclose(scores[q], bm25.get_scores(docs[q]), rtol=1e-9, atol=1e-9)
+    return scores
+
+
+def minilm_embeddings(texts: list[str], cache: Path, batch_size: int) -> np.ndarray:
+    from medseek.models.text_tower import TextEncoder, locate_minilm
+
+    weights = locate_minilm() / "model.safetensors"
+    key = hashlib.sha256()
+    key.update(str(weights.stat().st_size).encode())
+    for t in texts:
+        key.update(t.encode())
+        key.update(b"\0")
+    path = cache / f"minilm_{key.hexdigest()[:16]}.npy"
+    if path.is_file():
+        return np.load(path)
+    emb = TextEncoder().encode(texts, batch_size=batch_size)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, emb)
+    return emb
+
+
+def concept_matrix(texts: list[str]) -> np.ndarray:
+    from medseek.text.evidence import concept_vector, extract_evidence
+    from medseek.text.lexicon import FINDINGS
+
+    names = [f.name for f in FINDINGS]
+    rows = np.zeros((len(texts), len(names) + 1), dtype=np.float32)
+    for i, text in enumerate(texts):
+        vec = concept_vector(extract_evidence(text), names)
+        rows[i, :-1] = vec
+        rows[i, -1] = 0.0 if vec.any() else 1.0  # the "normal" axis
+    return rows
+
+
+def cosine(emb: np.ndarray) -> np.ndarray:
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    return (unit @ unit.T).astype(np.float64)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--cache", type=Path, default=Path("runs/text_bench"))
+    args = parser.parse_args(argv)
+
+    from medseek.data.iu import load_iu_reports
+    from medseek.eval.bootstrap import bootstrap_ci
+    from medseek.eval.metrics import ndcg_at_k
+
+    t_all = time.perf_counter()
+    reports = [r for r in load_iu_reports() if r.text.strip()]
+    texts = [r.text for r in reports]
+    labels = label_sets(reports)
+    relevance = jaccard_relevance(labels)
+    abnormal = np.array([lab != frozenset({"normal"}) for lab in labels])
+    print(f"{len(reports)} reports with text; {int(abnormal.sum())} abnormal queries")
+
+    rows = []
+    cached: dict[str, np.ndarray] = {}
+
+    def keep(name: str, scores: np.ndarray) -> np.ndarray:
+        cached[name] = scores
+        return scores
+
+    rankers = {
+        "BM25 (rank-bm25)": lambda: bm25_scores(texts),
+        "MiniLM-L6 tower, cosine": lambda: keep("minilm", cosine(
+            minilm_embeddings(texts, args.cache, args.batch_size))),
+        "evidence concepts, cosine": lambda: keep("concepts", cosine(concept_matrix(texts))),
+        # how the service combines them: embedding similarity, concept agreement as a tie-breaker
+        # and a pull towards reports asserting the same findings
+        "MiniLM + concepts (mean of cosines)": lambda: 0.5 * (cached["minilm"] + cached["concepts"]),
+    }
+    for name, make_scores in rankers.items():
+        t0 = time.perf_counter()
+        scores = np.asarray(make_scores(), dtype=np.float64)
+        np.fill_diagonal(scores, -np.inf)  # a report never retrieves itself
+        seconds = time.perf_counter() - t0
+        per_query = ndcg_at_k(scores, relevance, args.k)
+        everyone = bootstrap_ci(per_query, n_boot=args.n_boot, seed=0)
+        sick = bootstrap_ci(per_query[abnormal], n_boot=args.n_boot, seed=0)
+        rows.append((name, everyone, sick, seconds))
+        print(f"{name}: nDCG@{args.k} {everyone[0]:.4f} [{everyone[1]:.4f}, {everyone[2]:.4f}] "
+              f"abnormal {sick[0]:.4f} ({seconds:.1f} s)")
+
+    table = [
+        f"| ranker | nDCG@{args.k}, all queries [95% CI] | nDCG@{args.k}, abnormal queries "
+        "[95% CI] | scoring time (s) |",
+        "|---|---|---|---:|",
+    ]
+    for name, (e, lo, hi), (se, slo, shi), seconds in rows:
+        table.append(f"| {name} | {e:.3f} [{lo:.3f}, {hi:.3f}] | {se:.3f} [{slo:.3f}, {shi:.3f}] "
+                     f"| {seconds:.1f} |")
+    text = "\n".join(table)
+    print(text)
+    print(f"total {time.perf_counter() - t_all:.1f} s, {len(reports)} queries x "
+          f"{len(reports) - 1} candidates, {args.n_boot} bootstrap resamples")
+    return text
+
+
+if __name__ == "__main__":
+    main()
