@@ -127,19 +127,6 @@ def minilm_embeddings(texts: list[str], cache: Path, batch_size: int) -> np.ndar
     return emb
 
 
-def concept_matrix(texts: list[str]) -> np.ndarray:
-    from medseek.text.evidence import concept_vector, extract_evidence
-    from medseek.text.lexicon import FINDINGS
-
-    names = [f.name for f in FINDINGS]
-    rows = np.zeros((len(texts), len(names) + 1), dtype=np.float32)
-    for i, text in enumerate(texts):
-        vec = concept_vector(extract_evidence(text), names)
-        rows[i, :-1] = vec
-        rows[i, -1] = 0.0 if vec.any() else 1.0  # the "normal" axis
-    return rows
-
-
 def cosine(emb: np.ndarray) -> np.ndarray:
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     return (unit @ unit.T).astype(np.float64)
@@ -156,6 +143,7 @@ def main(argv: list[str] | None = None) -> str:
     from medseek.data.iu import load_iu_reports
     from medseek.eval.bootstrap import bootstrap_ci
     from medseek.eval.metrics import ndcg_at_k
+    from medseek.text.concepts import report_concepts
 
     t_all = time.perf_counter()
     reports = [r for r in load_iu_reports() if r.text.strip()]
@@ -176,7 +164,7 @@ def main(argv: list[str] | None = None) -> str:
         "BM25 (rank-bm25)": lambda: bm25_scores(texts),
         "MiniLM-L6 tower, cosine": lambda: keep("minilm", cosine(
             minilm_embeddings(texts, args.cache, args.batch_size))),
-        "evidence concepts, cosine": lambda: keep("concepts", cosine(concept_matrix(texts))),
+        "evidence concepts, cosine": lambda: keep("concepts", cosine(report_concepts(texts))),
         # how the service combines them: embedding similarity, concept agreement as a tie-breaker
         # and a pull towards reports asserting the same findings
         "MiniLM + concepts (mean of cosines)": lambda: 0.5 * (cached["minilm"] + cached["concepts"]),
