@@ -2,11 +2,11 @@
 
 1. reads real DICOM and NIfTI files (shipped in pydicom and nibabel), de-identifying
    the DICOM headers with keyed pseudonyms;
-2. runs a real MR volume through the C++ volume engine (resample → window → chunk →
-   3D patches) and the chunked 3D ViT (untrained: shapes and speed, not meaning), and
-   writes a PNG of its chunks;
-3. builds small phantom corpora (radiographs, wrist radiographs, CT volumes) with their
-   contact sheets, when the corpus builders are installed;
+2. builds small phantom corpora (chest radiographs from real report labels, wrist
+   radiographs with region boxes, CT volumes in HU) with their contact sheets;
+3. reads a phantom CT back from NIfTI and runs it through the C++ volume engine
+   (resample → window → chunk → 3D patches) and the chunked 3D ViT (untrained: shapes
+   and speed, not meaning), writing a PNG of its chunks;
 4. indexes real Indiana University chest X-ray reports (read from the installed
    torchxrayvision package) in a SQLite store with a FAISS index, using the pretrained
    MiniLM text tower joined with report concept vectors, and answers free-text queries
@@ -79,25 +79,24 @@ def demo_io() -> None:
           f"spacing (z,y,x) {tuple(round(s, 3) for s in vol.spacing)} mm")
 
 
-def demo_volume(out: Path) -> None:
-    import nibabel.testing
+def demo_volume(out: Path, ct_records: list) -> None:
     import torch
 
     from medseek import volume as mv
     from medseek.io import read_nifti
     from medseek.models.factory import create_model
 
-    vol = read_nifti(Path(nibabel.testing.data_path) / "anatomical.nii")
-    arr = np.ascontiguousarray(vol.array.astype(np.float32))
-    lo, hi = np.percentile(arr, [1, 99])
-    t0 = time.perf_counter()
-    res = mv.resample(arr, vol.spacing, 1.0)
-    win = mv.window(res, float(lo + hi) / 2, float(hi - lo))
-    elapsed = time.perf_counter() - t0
-    print(f"      resample {arr.shape} @ {tuple(round(s, 2) for s in vol.spacing)} mm -> "
-          f"{res.shape} @ 1 mm, window: {elapsed * 1e3:.1f} ms (C++)")
-
+    volume_row = next(r for r in ct_records if r.kind == "volume")
+    vol = read_nifti(out / "synth-ct" / volume_row.path)
     model = create_model("ct-tiny").visual.eval()
+    target = 2.0
+    t0 = time.perf_counter()
+    res = mv.resample(vol.array, vol.spacing, target)
+    win = mv.window(res, 40.0, 400.0)  # soft-tissue window, HU
+    elapsed = time.perf_counter() - t0
+    print(f"      {volume_row.id}: {vol.array.shape} {vol.array.dtype} HU at "
+          f"{tuple(round(s, 3) for s in vol.spacing)} mm -> {res.shape} at {target} mm, "
+          f"window 40/400: {elapsed * 1e3:.1f} ms (C++)")
     py, px = model.cfg.patch_size[1:]
     h, w = (win.shape[1] // py) * py, (win.shape[2] // px) * px
     y0, x0 = (win.shape[1] - h) // 2, (win.shape[2] - w) // 2
@@ -105,10 +104,10 @@ def demo_volume(out: Path) -> None:
     with torch.no_grad():
         enc = model.encode_volume_array(win)
     print(f"      chunked 3D ViT (ct-tiny, untrained): {len(enc.z_start)} chunks of "
-          f"{enc.depth} slices (z starts {enc.z_start.tolist()}), chunk embeddings "
+          f"{enc.depth} slices at absolute z {enc.z_start.tolist()}, chunk embeddings "
           f"{tuple(enc.chunks.shape)}, volume embedding {tuple(enc.volume.shape)}")
     _write_chunk_sheet(win, enc.z_start, enc.depth, out / "volume_chunks.png")
-    print(f"      wrote {out / 'volume_chunks.png'}")
+    print(f"      wrote {out / 'volume_chunks.png'} (mid-slice of each chunk)")
 
 
 def _write_chunk_sheet(win: np.ndarray, z_start: np.ndarray, depth: int, path: Path) -> None:
@@ -123,18 +122,28 @@ def _write_chunk_sheet(win: np.ndarray, z_start: np.ndarray, depth: int, path: P
     Image.fromarray(sheet).save(path, optimize=False)
 
 
-def demo_corpora(out: Path, n: int, seed: int) -> None:
-    try:
-        from medseek.data.commands import build_corpus
-    except ImportError:
-        print("      corpus builders are not installed in this version: skipped")
-        return
-    for kind in ("synth-cxr", "synth-wrist", "synth-ct"):
+def demo_corpora(out: Path, n: int, seed: int) -> list:
+    from medseek.data.synth.ct import build_synth_ct
+    from medseek.data.synth.cxr import build_synth_cxr
+    from medseek.data.synth.wrist import build_synth_wrist
+
+    builders = {
+        "synth-cxr": lambda d: build_synth_cxr(d, n=n, seed=seed, progress=False),
+        "synth-wrist": lambda d: build_synth_wrist(d, n=n, seed=seed, progress=False),
+        # small in-plane matrices and few slices keep the demo quick
+        "synth-ct": lambda d: build_synth_ct(d, n=2, seed=seed, matrix=(96, 128),
+                                             slices=(40, 120), progress=False),
+    }
+    records = {}
+    for kind, build in builders.items():
         target = out / kind
         if target.exists():
             shutil.rmtree(target)
-        summary = build_corpus(kind, target, n=n, seed=seed, progress=False)
-        print(f"      {kind:11s} -> {target}  {summary}")
+        t0 = time.perf_counter()
+        records[kind] = build(target)
+        print(f"      {kind:11s} {len(records[kind]):3d} manifest rows, contact sheet "
+              f"{target / 'contact_sheet.png'} ({time.perf_counter() - t0:.1f} s)")
+    return records["synth-ct"]
 
 
 def demo_reports(out: Path, n_reports: int) -> tuple[np.ndarray, int, list]:
@@ -242,11 +251,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = _step(1, "Medical image I/O: real DICOM and NIfTI, de-identified at read time")
     demo_io()
     _done(t0)
-    t0 = _step(2, "Volume engine: resample -> window -> chunk -> 3D patches -> chunked ViT")
-    demo_volume(out)
+    t0 = _step(2, "Phantom corpora (label-conditioned; deterministic by seed)")
+    ct_records = demo_corpora(out, args.n, args.seed)
     _done(t0)
-    t0 = _step(3, "Phantom corpora")
-    demo_corpora(out, args.n, args.seed)
+    t0 = _step(3, "Volume engine: phantom CT (NIfTI) -> resample -> window -> chunk -> 3D patches -> chunked ViT")
+    demo_volume(out, ct_records)
     _done(t0)
     t0 = _step(4, "Report archive: SQLite store + FAISS index, free-text queries")
     emb, text_dim, reports = demo_reports(out, args.reports)
