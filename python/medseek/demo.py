@@ -62,7 +62,7 @@ def _done(t0: float) -> None:
 
 
 def demo_io() -> None:
-    import nibabel.testing
+    import nibabel
     from pydicom.data import get_testdata_file
 
     from medseek.io import DeidConfig, read_image, read_nifti
@@ -74,7 +74,8 @@ def demo_io() -> None:
         print(f"      {name:13s} {img.modality:3s} {img.pixels.shape} {img.pixels.dtype}, "
               f"spacing {img.spacing} mm, patient pseudonym {rec.patient_pseudonym[:12]}…, "
               f"{len(rec.actions)} header elements de-identified")
-    vol = read_nifti(Path(nibabel.testing.data_path) / "anatomical.nii")
+    # nibabel's own example files (nibabel.testing would import pytest: read the folder)
+    vol = read_nifti(Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii")
     print(f"      anatomical.nii  volume {vol.array.shape} {vol.array.dtype}, "
           f"spacing (z,y,x) {tuple(round(s, 3) for s in vol.spacing)} mm")
 
