@@ -18,6 +18,9 @@ _COMMAND_MODULES = (
     "medseek.demo",
     "medseek.data.commands",
     "medseek.eval.commands",
+    "medseek.train.commands",
+    "medseek.export.commands",
+    "medseek.serve.commands",
 )
 
 

@@ -1,0 +1,123 @@
+"""Image-encoder throughput: torch eager vs in-process ONNX Runtime vs Triton, same run.
+
+All three run the same weights (a fresh ``cxr-demo`` image tower: ViT-2D width 192,
+depth 4, 224×224 → 196 patches, embed 256), exported once into a model repository in
+tmp_path:
+
+* ``torch``: ``DualEncoder.encode_image`` under ``torch.inference_mode``, batches of
+  ``BATCH`` (the CPU path runs the RoPE attention's torch reference);
+* ``onnxruntime``: :class:`medseek.encoders.OnnxRuntimeEncoder` on the exported
+  ``image_encoder/1/model.onnx``, batches of ``BATCH``;
+* ``triton``: ``CLIENTS`` threads, each with its own :class:`TritonEncoder`, each sending
+  one image per request, against ``tritonserver`` (python backend + ONNX Runtime, dynamic
+  batching up to 32, 2 ms queue delay), so the server's batcher forms the batches.
+
+images/s = images / min wall time over ``ROUNDS`` rounds (after one warm-up each), the
+rounds of the three paths interleaved so that they share the background load of the
+machine; ratios use those numbers (the medians are printed too). Targets (issue 6): ONNX Runtime ≥ 1.3× torch eager; Triton ≥ 0.7× in-process
+ONNX Runtime. The Triton row also reports the mean batch size the server executed.
+CPU ms/img is this process's CPU time (all threads) per image, median over rounds: the
+work done in process, less sensitive to other jobs on shared cores than wall time (for
+Triton it is the 16 clients' cost only; the server's CPU is not counted).
+
+    pytest benchmarks/test_encoders.py -p no:cacheprovider -s
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from medseek.encoders import EncoderSpec, OnnxRuntimeEncoder, TritonEncoder
+from medseek.encoders.onnxrt import OnnxRuntimeConfig
+from medseek.encoders.triton_client import TritonEncoderConfig
+from medseek.export.repository import write_repository
+from medseek.models import create_model
+from medseek.serve.triton import TritonServer, TritonServerConfig
+
+MODEL = "cxr-demo"
+IMAGES = 64  # per round
+BATCH = 16  # torch and in-process ONNX Runtime
+CLIENTS = 16  # concurrent Triton clients
+ROUNDS = 5
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model(MODEL, pretrained_text=False).eval()
+    repo = tmp_path_factory.mktemp("bench-repo")
+    write_repository([model], repo)
+    size = model.cfg.preprocess.image_size
+    images = np.random.default_rng(0).standard_normal((IMAGES, 1, *size)).astype(np.float32)
+    return model, repo, images
+
+
+def test_image_encoder_throughput(setup):
+    model, repo, images = setup
+    x = torch.from_numpy(images)
+    local = OnnxRuntimeEncoder(repo, "image", OnnxRuntimeConfig(batch_size=BATCH))
+    want = local.encode_images(images)
+    spec = EncoderSpec.load(repo / "image_encoder" / "1" / "spec.json")
+    out = np.zeros_like(want)
+
+    def run_torch():
+        with torch.inference_mode():
+            for s in range(0, IMAGES, BATCH):
+                model.encode_image(x[s:s + BATCH])
+
+    with TritonServer(TritonServerConfig(repo, startup_timeout=300)) as server:
+        clients = [TritonEncoder(TritonEncoderConfig(server.grpc_url, batch_size=1), spec)
+                   for _ in range(CLIENTS)]
+
+        def run_triton():
+            def work(c):
+                for i in range(c, IMAGES, CLIENTS):
+                    out[i] = clients[c].encode_images(images[i:i + 1])[0]
+
+            threads = [threading.Thread(target=work, args=(c,)) for c in range(CLIENTS)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        paths = {"torch": run_torch, "onnxruntime": lambda: local.encode_images(images),
+                 "triton": run_triton}
+        for fn in paths.values():
+            fn()  # warm-up
+        before = clients[0].statistics("image_encoder")["model_stats"][0]
+        times = {name: [] for name in paths}
+        cpu = {name: [] for name in paths}
+        # interleaved rounds: the three paths see the same background load on shared cores
+        for _ in range(ROUNDS):
+            for name, fn in paths.items():
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+        after = clients[0].statistics("image_encoder")["model_stats"][0]
+        for c in clients:
+            c.close()
+    execs = int(after["execution_count"]) - int(before.get("execution_count", 0))
+    infers = int(after["inference_count"]) - int(before.get("inference_count", 0))
+    cos = float(((out * want).sum(1)).min())
+    assert cos >= 0.9999  # the served vectors are the in-process ones
+
+    rate = {name: IMAGES / min(t) for name, t in times.items()}
+    median = {name: IMAGES / float(np.median(t)) for name, t in times.items()}
+    print(f"\n{MODEL} image encoder, {IMAGES} images/round, {ROUNDS} interleaved rounds, "
+          f"{torch.get_num_threads()} torch threads")
+    print(f"{'path':<12} {'images/s':>9} {'median':>7} {'vs torch':>9} {'vs ORT':>7} "
+          f"{'CPU ms/img':>11}")
+    for name, r in rate.items():
+        cpu_ms = 1e3 * float(np.median(cpu[name])) / IMAGES  # this process, all its threads
+        print(f"{name:<12} {r:>9.1f} {median[name]:>7.1f} {r / rate['torch']:>8.2f}x "
+              f"{r / rate['onnxruntime']:>6.2f}x {cpu_ms:>11.1f}")
+    print(f"triton: {infers} images in {execs} executions, mean batch {infers / max(execs, 1):.1f}; "
+          f"min cosine to in-process {cos:.6f}")
+    print(f"targets: ORT/torch {rate['onnxruntime'] / rate['torch']:.2f} (>= 1.3), "
+          f"Triton/ORT {rate['triton'] / rate['onnxruntime']:.2f} (>= 0.7)")

@@ -1,0 +1,198 @@
+"""The ``Encoder`` interface, the exported model's preprocessing spec, and the errors.
+
+Every encoder returns ``(B, dim)`` float32 rows of unit L2 norm, so image, volume and
+text vectors compare by dot product in one space (DESIGN.md, "Encoders").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+class EncoderError(RuntimeError):
+    """Base class of the encoder errors."""
+
+
+class EncoderInputError(EncoderError, ValueError):
+    """The input is malformed (shape, dtype, empty list); the backend is fine."""
+
+
+class EncoderUnavailable(EncoderError, ConnectionError):
+    """The encoder backend (Triton server) cannot be reached, after the retries."""
+
+
+class EncoderTimeout(EncoderError, TimeoutError):
+    """The backend did not answer within the deadline."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What a client needs to prepare inputs for an exported model (``spec.json``).
+
+    embed_dim : output dimension
+    modality : ``"image"`` or ``"volume"``
+    image_size : (H, W) radiographs are resized to (image models)
+    in_chans : image channels
+    patch_size : (pz, py, px) voxels per token (volume models)
+    chunk_depth, chunk_overlap : slices per chunk and shared by neighbours (volume models)
+    max_length : text token budget, [CLS] and [SEP] included
+    name : the model config's name
+    """
+
+    embed_dim: int
+    modality: str
+    max_length: int
+    image_size: tuple[int, int] | None = None
+    in_chans: int = 1
+    patch_size: tuple[int, int, int] | None = None
+    chunk_depth: int | None = None
+    chunk_overlap: int = 0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.modality not in ("image", "volume"):
+            raise ValueError(f"modality must be 'image' or 'volume', got {self.modality!r}")
+        if not isinstance(self.embed_dim, int) or self.embed_dim <= 0:
+            raise ValueError(f"embed_dim must be a positive int, got {self.embed_dim!r}")
+        if self.image_size is not None:
+            object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        if self.patch_size is not None:
+            object.__setattr__(self, "patch_size", tuple(int(v) for v in self.patch_size))
+        if self.modality == "volume" and (self.patch_size is None or self.chunk_depth is None):
+            raise ValueError("a volume spec needs patch_size and chunk_depth")
+
+    @classmethod
+    def from_model(cls, model) -> "EncoderSpec":
+        """Spec of a :class:`medseek.models.DualEncoder`."""
+        cfg = model.cfg
+        v = cfg.vision
+        common = dict(embed_dim=cfg.embed_dim, modality=model.modality,
+                      max_length=cfg.text.max_length, name=cfg.name)
+        if model.modality == "image":
+            size = cfg.preprocess.image_size or (64, 64)
+            return cls(**common, image_size=size, in_chans=v.in_chans)
+        return cls(**common, patch_size=v.patch_size, chunk_depth=v.chunk_depth,
+                   chunk_overlap=v.chunk_overlap)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "EncoderSpec":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    @classmethod
+    def from_config_name(cls, name_or_path) -> "EncoderSpec":
+        """Spec of a shipped model config (``"cxr-tiny"``) or JSON path, without weights."""
+        from medseek.models.factory import create_model
+
+        return cls.from_model(create_model(name_or_path, device="meta"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EncoderSpec":
+        """Read a ``spec.json`` written by :func:`medseek.export.export_onnx`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"spec file not found: {path}")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Images, volumes and texts → ``(B, dim)`` float32, L2-normalised rows."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        """``images`` (B, 1, H, W) float32 at the model's image size → (B, dim)."""
+        ...
+
+    def encode_volumes(self, volumes: Sequence[np.ndarray]) -> np.ndarray:
+        """Windowed ``(D, H, W)`` float32 volumes (H, W multiples of the patch) → (B, dim)."""
+        ...
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Non-empty list of strings → (B, dim)."""
+        ...
+
+
+class GraphEncoder:
+    """The encode_* logic both backends share, on top of one primitive, ``run_graph``.
+
+    Subclasses set ``spec`` and ``batch_size`` and implement
+    ``run_graph(graph, inputs, outputs) -> list[np.ndarray]`` for the graphs ``image``,
+    ``chunks``, ``pool`` and ``text`` of :mod:`medseek.export.onnx`.
+    """
+
+    spec: EncoderSpec
+    batch_size: int
+
+    @property
+    def dim(self) -> int:
+        return self.spec.embed_dim
+
+    def run_graph(self, graph: str, inputs: dict, outputs: list[str]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def _batched(self, graph: str, inputs: dict, outputs: list[str]) -> list[np.ndarray]:
+        """Run ``graph`` over the batch axis in slices of ``batch_size``; concatenate."""
+        from .preprocess import batches
+
+        n = next(iter(inputs.values())).shape[0]
+        parts = [self.run_graph(graph, {k: v[s] for k, v in inputs.items()}, outputs)
+                 for s in batches(n, self.batch_size)]
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(outputs))]
+
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        from .preprocess import check_images
+
+        images = check_images(images, self.spec)
+        return self._batched("image", {"images": images}, ["embeddings"])[0]
+
+    def encode_chunks(self, volume: np.ndarray) -> np.ndarray:
+        """Chunk embeddings ``(C, dim)`` of one windowed ``(D, H, W)`` float32 volume."""
+        from .preprocess import volume_tokens
+
+        vt = volume_tokens(volume, self.spec)
+        return self._batched("chunks", {"tokens": vt.tokens, "positions": vt.positions,
+                                        "token_mask": vt.token_mask}, ["chunk_embeddings"])[0]
+
+    def encode_volumes(self, volumes) -> np.ndarray:
+        """Volume embeddings ``(B, dim)`` of windowed ``(D, H, W)`` float32 volumes.
+
+        The chunks of all volumes with the same tokens per chunk (same H, W) run together
+        through the chunk graph; the pool graph then pools each volume's chunk features.
+        """
+        from .preprocess import group_chunks, volume_tokens
+
+        if isinstance(volumes, np.ndarray) or not isinstance(volumes, Sequence):
+            raise EncoderInputError(
+                f"volumes must be a list of (D, H, W) arrays, got {type(volumes).__name__}")
+        if not volumes:
+            raise EncoderInputError("volumes must hold at least one volume, got an empty list")
+        toks = [volume_tokens(v, self.spec) for v in volumes]
+        feats: list[np.ndarray | None] = [None] * len(toks)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, vt in enumerate(toks):
+            by_shape.setdefault(vt.tokens.shape[1:], []).append(i)
+        for idx in by_shape.values():
+            cat = {"tokens": np.concatenate([toks[i].tokens for i in idx]),
+                   "positions": np.concatenate([toks[i].positions for i in idx]),
+                   "token_mask": np.concatenate([toks[i].token_mask for i in idx])}
+            f = self._batched("chunks", cat, ["chunk_features"])[0]
+            start = 0
+            for i in idx:
+                feats[i] = f[start:start + toks[i].n_chunks]
+                start += toks[i].n_chunks
+        counts = [vt.n_chunks for vt in toks]
+        grouped, mask = group_chunks(np.concatenate(feats), counts)
+        return self._batched("pool", {"chunk_features": grouped, "chunk_mask": mask},
+                             ["embeddings"])[0]

@@ -1,0 +1,133 @@
+"""Input checks and preprocessing shared by every encoder backend.
+
+:class:`~medseek.encoders.OnnxRuntimeEncoder` and :class:`~medseek.encoders.TritonEncoder`
+call these same functions, so the same arrays reach the same ONNX graphs. Text is the one
+exception in *where* it runs: the Triton path tokenises inside the server (the
+``text_tokenizer`` model of the ``text_ensemble``), with the same ``tokenizer.json``
+and the same truncation and padding rules as :func:`tokenize` below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .base import EncoderInputError, EncoderSpec
+
+
+def check_images(images, spec: EncoderSpec) -> np.ndarray:
+    """``images`` (B, C, H, W) float32 at the spec's size → C-contiguous array.
+
+    Raises :class:`EncoderInputError` naming the bad shape or dtype; nothing is cast.
+    """
+    if spec.modality != "image":
+        raise EncoderInputError(f"this encoder's model encodes {spec.modality}s, not images")
+    if not isinstance(images, np.ndarray):
+        raise EncoderInputError(f"images must be a np.ndarray, got {type(images).__name__}")
+    if images.dtype != np.float32:
+        raise EncoderInputError(f"images must be float32, got {images.dtype}")
+    want = (spec.in_chans, *spec.image_size)
+    if images.ndim != 4 or tuple(images.shape[1:]) != want or images.shape[0] == 0:
+        raise EncoderInputError(
+            f"images must be (B >= 1, {want[0]}, {want[1]}, {want[2]}), got shape {images.shape}"
+        )
+    return np.ascontiguousarray(images)
+
+
+def check_texts(texts) -> list[str]:
+    """A non-empty list of str (an empty string is a valid text; an empty list is not)."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise EncoderInputError(f"texts must be a list of str, got {type(texts).__name__}")
+    if len(texts) == 0:
+        raise EncoderInputError("texts must hold at least one string, got an empty list")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise EncoderInputError(
+            f"texts must be str; texts[{bad[0]}] is {type(texts[bad[0]]).__name__}"
+        )
+    return list(texts)
+
+
+def load_tokenizer(path: str | Path, max_length: int):
+    """The HF ``tokenizers`` tokenizer of ``tokenizer.json``, truncating at ``max_length``
+    and padding each batch to its longest text (pad id 0, as MiniLM's)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.enable_truncation(int(max_length))
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")
+    return tok
+
+
+def tokenize(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``input_ids`` and ``attention_mask``, both (B, T) int64, padded to the longest."""
+    encs = tokenizer.encode_batch(texts)
+    ids = np.asarray([e.ids for e in encs], dtype=np.int64)
+    mask = np.asarray([e.attention_mask for e in encs], dtype=np.int64)
+    return ids, mask
+
+
+class VolumeTokens:
+    """Chunk tokens of one volume: tokens (C, N, P) float32, positions (C, N, 3) int32,
+    token_mask (C, N) bool (True where a patch holds at least one real slice)."""
+
+    __slots__ = ("tokens", "positions", "token_mask")
+
+    def __init__(self, tokens: np.ndarray, positions: np.ndarray, token_mask: np.ndarray):
+        self.tokens, self.positions, self.token_mask = tokens, positions, token_mask
+
+    @property
+    def n_chunks(self) -> int:
+        return self.tokens.shape[0]
+
+
+def volume_tokens(vol, spec: EncoderSpec) -> VolumeTokens:
+    """Chunk and patchify one windowed ``(D, H, W)`` float32 volume (as the model does)."""
+    from medseek import volume as mv
+
+    if spec.modality != "volume":
+        raise EncoderInputError(f"this encoder's model encodes {spec.modality}s, not volumes")
+    if not isinstance(vol, np.ndarray) or vol.dtype != np.float32 or vol.ndim != 3:
+        raise EncoderInputError(
+            "each volume must be a windowed (D, H, W) float32 np.ndarray, got "
+            f"{type(vol).__name__} {getattr(vol, 'dtype', '')} {getattr(vol, 'shape', '')}"
+        )
+    pz, py, px = spec.patch_size
+    if vol.shape[0] == 0 or vol.shape[1] % py or vol.shape[2] % px or not vol.shape[1] or not vol.shape[2]:
+        raise EncoderInputError(
+            f"volume (D, H, W) needs D >= 1 and H, W positive multiples of ({py}, {px}), "
+            f"got {vol.shape}"
+        )
+    chunks, z_start, valid = mv.chunk(np.ascontiguousarray(vol), spec.chunk_depth,
+                                      spec.chunk_overlap, 0.0)
+    tokens, positions = mv.patchify(chunks, z_start, spec.patch_size)
+    # a patch is real when its first slice lies before the chunk's last real slice
+    first_slice = positions[..., 0].astype(np.int64) * pz  # (C, N)
+    mask = first_slice < (z_start.astype(np.int64) + valid)[:, None]
+    return VolumeTokens(tokens, positions, mask)
+
+
+def group_chunks(features: np.ndarray, counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk features of B volumes stored back to back ``(sum(counts), d)`` → zero-padded
+    ``(B, Cmax, d)`` and the ``(B, Cmax)`` bool mask of real chunks (the pool graph's input)."""
+    counts = [int(c) for c in counts]
+    if any(c <= 0 for c in counts) or sum(counts) != features.shape[0]:
+        raise ValueError(f"counts must be positive and sum to {features.shape[0]}, got {counts}")
+    cmax = max(counts)
+    out = np.zeros((len(counts), cmax, features.shape[1]), dtype=np.float32)
+    mask = np.zeros((len(counts), cmax), dtype=bool)
+    start = 0
+    for b, c in enumerate(counts):
+        out[b, :c] = features[start:start + c]
+        mask[b, :c] = True
+        start += c
+    return out, mask
+
+
+def batches(n: int, size: int):
+    """``slice`` objects covering ``range(n)`` in steps of ``size``."""
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
