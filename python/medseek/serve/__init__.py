@@ -1,0 +1,12 @@
+"""The gRPC retrieval service ``medseek.v1.Retrieval`` (DESIGN.md).
+
+- ``config.py``: ``ServeConfig`` and friends (dataclasses; the CLI loads them from JSON/TOML).
+- ``server.py``: ``create_server(config, encoder) -> (server, port)``, ``serve``, ``ServerThread``.
+- ``servicer.py``: the RPC handlers; ``batcher.py``: the async micro-batcher and bounded queue.
+- ``ingest.py``: request items -> de-identified pixels, records, content hashes, embeddings.
+- ``auth.py``: bearer-token interceptor; ``metrics.py``: Prometheus metrics.
+- ``local_encoder.py``: ``LocalTorchEncoder``, an in-process torch encoder for tests and
+  CPU-only use (production uses the Triton / ONNX Runtime encoders of ``medseek.encoders``).
+- ``commands.py``: ``medseek serve``, ``medseek ingest``, ``medseek query``.
+- ``v1/``: generated protobuf/gRPC code (``python -m medseek.serve.codegen``).
+"""

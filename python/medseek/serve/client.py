@@ -1,0 +1,70 @@
+"""A small synchronous client of ``medseek.v1.Retrieval`` (CLI, tests, demo)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import grpc
+
+from .v1 import retrieval_pb2 as pb
+from .v1 import retrieval_pb2_grpc as pb_grpc
+
+
+class RetrievalClient:
+    """``RetrievalClient("127.0.0.1:50051", token=...)``; methods mirror the RPCs.
+
+    Parameters
+    ----------
+    address : str
+    token : str, optional
+        Bearer token sent with every call.
+    root_certificates : bytes, optional
+        PEM roots: connect over TLS.
+    max_message_bytes : int
+        Largest message sent or received.
+    """
+
+    def __init__(self, address: str, token: str | None = None,
+                 root_certificates: bytes | None = None,
+                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        options = [("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.max_receive_message_length", max_message_bytes)]
+        if root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates)
+            self.channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.stub = pb_grpc.RetrievalStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> RetrievalClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def search(self, request: pb.SearchRequest, timeout: float | None = 30.0) -> pb.SearchResponse:
+        return self.stub.Search(request, timeout=timeout, metadata=self.metadata)
+
+    def search_stream(self, requests: Iterable[pb.SearchRequest],
+                      timeout: float | None = None) -> Iterator[pb.SearchResponse]:
+        return self.stub.SearchStream(iter(requests), timeout=timeout, metadata=self.metadata)
+
+    def ingest(self, items: Iterable[pb.IngestItem], timeout: float | None = 300.0
+               ) -> pb.IngestResponse:
+        return self.stub.Ingest(iter(items), timeout=timeout, metadata=self.metadata)
+
+    def delete(self, ids: list[str], timeout: float | None = 30.0) -> pb.DeleteResponse:
+        return self.stub.Delete(pb.DeleteRequest(ids=ids), timeout=timeout,
+                                metadata=self.metadata)
+
+    def get(self, ids: list[str], with_embedding: bool = False,
+            timeout: float | None = 30.0) -> pb.GetResponse:
+        return self.stub.Get(pb.GetRequest(ids=ids, with_embedding=with_embedding),
+                             timeout=timeout, metadata=self.metadata)
+
+    def stats(self, timeout: float | None = 30.0) -> pb.StatsResponse:
+        return self.stub.Stats(pb.StatsRequest(), timeout=timeout, metadata=self.metadata)

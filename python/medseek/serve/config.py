@@ -1,0 +1,200 @@
+"""Configuration of the retrieval server: dataclasses, loaded from JSON or TOML by the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from medseek.io import DeidConfig, ReadLimits
+from medseek.search import SearchConfig
+
+_MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Micro-batching and the bounded request queue.
+
+    Attributes
+    ----------
+    max_batch : int
+        Most requests merged into one encoder (or index) call.
+    max_wait_ms : float
+        How long the first request of a batch waits for company.
+    max_queue : int
+        Requests waiting beyond this many are refused with RESOURCE_EXHAUSTED.
+    """
+
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+    max_queue: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if not self.max_wait_ms >= 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How uploaded pixels become encoder input.
+
+    Attributes
+    ----------
+    image_size : (int, int)
+        Radiographs are resized to (H, W) and scaled to [0, 1] by their own min and max.
+    target_spacing : float
+        Volumes are resampled to this isotropic spacing (mm) ...
+    window : (float, float)
+        ... and windowed with (center, width) into [0, 1]; H and W are then centre-cropped
+        to multiples of ``volume_multiple`` (the volume model's patch (py, px)).
+
+    The server replaces ``image_size`` and ``volume_multiple`` by what its encoder declares
+    (``medseek.serve.routed.input_geometry``).
+    """
+
+    image_size: tuple[int, int] = (64, 64)
+    target_spacing: float = 4.0
+    window: tuple[float, float] = (40.0, 400.0)
+    volume_multiple: tuple[int, int] = (1, 1)
+
+    def __post_init__(self) -> None:
+        size = tuple(int(v) for v in self.image_size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"image_size must be two positive ints, got {self.image_size!r}")
+        object.__setattr__(self, "image_size", size)
+        if not self.target_spacing > 0:
+            raise ValueError(f"target_spacing must be > 0 mm, got {self.target_spacing!r}")
+        window = tuple(float(v) for v in self.window)
+        if len(window) != 2 or not window[1] > 0:
+            raise ValueError(f"window must be (center, width > 0), got {self.window!r}")
+        object.__setattr__(self, "window", window)
+        multiple = tuple(int(v) for v in self.volume_multiple)
+        if len(multiple) != 2 or min(multiple) < 1:
+            raise ValueError(f"volume_multiple must be two ints >= 1, got {self.volume_multiple!r}")
+        object.__setattr__(self, "volume_multiple", multiple)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything the server needs.
+
+    Attributes
+    ----------
+    store_path : Path
+        The SQLite store (source of truth).
+    index_dir : Path
+        Saved FAISS indexes (a cache; rebuilt from the store when missing).
+    host, port : str, int
+        Listen address; 127.0.0.1 unless deliberately exposed; port 0 picks a free one.
+    model : str
+        Embedding model tag of the store's vectors.
+    tokens : tuple of str
+        Accepted bearer tokens; empty disables authentication (local use only).
+    deid : DeidConfig, optional
+        Key of ingest-time de-identification of DICOM; None refuses DICOM uploads.
+    tls_cert, tls_key : Path, optional
+        PEM files; both set: the port is served over TLS.
+    max_receive_message_bytes, max_send_message_bytes : int
+        gRPC message limits; a larger message gets RESOURCE_EXHAUSTED from gRPC itself.
+    grace_s : float
+        Shutdown waits this long for in-flight requests.
+    metrics_port : int, optional
+        Prometheus metrics on 127.0.0.1:<port> (0 picks one); None: off.
+    """
+
+    store_path: Path
+    index_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    model: str = "default"
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    deid: DeidConfig | None = field(default=None, repr=False)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_receive_message_bytes: int = 64 * _MIB
+    max_send_message_bytes: int = 64 * _MIB
+    grace_s: float = 10.0
+    metrics_port: int | None = None
+    encode_batch: BatchConfig = BatchConfig()
+    search_batch: BatchConfig = BatchConfig()
+    search: SearchConfig = SearchConfig()
+    preprocess: PreprocessSpec = PreprocessSpec()
+    limits: ReadLimits = ReadLimits(max_file_bytes=256 * _MIB)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store_path", Path(self.store_path))
+        object.__setattr__(self, "index_dir", Path(self.index_dir))
+        if not 0 <= int(self.port) <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port!r}")
+        tokens = (self.tokens,) if isinstance(self.tokens, str) else tuple(self.tokens)
+        if any(not isinstance(t, str) or len(t) < 8 for t in tokens):
+            raise ValueError("tokens must be str of at least 8 characters")
+        object.__setattr__(self, "tokens", tokens)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together, got one of them")
+        for name in ("max_receive_message_bytes", "max_send_message_bytes"):
+            if getattr(self, name) < 1024:
+                raise ValueError(f"{name} must be >= 1024, got {getattr(self, name)!r}")
+        if not self.grace_s >= 0:
+            raise ValueError(f"grace_s must be >= 0, got {self.grace_s!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(
+                f"metrics_port must be in [0, 65535] or None, got {self.metrics_port!r}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+_SECTIONS = {"encode_batch": BatchConfig, "search_batch": BatchConfig,
+             "search": SearchConfig, "preprocess": PreprocessSpec, "limits": ReadLimits}
+
+
+def config_from_dict(raw: dict, base_dir: Path | None = None) -> ServeConfig:
+    """A ``ServeConfig`` from a JSON/TOML mapping.
+
+    Secrets are read from files, never inline: ``tokens_file`` (one token per line) and
+    ``deid_key_file`` (the raw key bytes). Relative paths are taken from ``base_dir``.
+    """
+    raw = dict(raw)
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    known = {f.name for f in fields(ServeConfig)} - {"tokens", "deid"}
+    unknown = sorted(set(raw) - known - {"tokens_file", "deid_key_file"})
+    if unknown:
+        raise ValueError(f"unknown serve config keys {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ValueError(f"{key} must be a table/object, got {value!r}")
+            kwargs[key] = _SECTIONS[key](**value)
+        elif key in ("store_path", "index_dir", "tls_cert", "tls_key"):
+            kwargs[key] = base / value
+        elif key == "tokens_file":
+            lines = (base / value).read_text().splitlines()
+            kwargs["tokens"] = tuple(t.strip() for t in lines if t.strip())
+        elif key == "deid_key_file":
+            kwargs["deid"] = DeidConfig(key=(base / value).read_bytes().strip())
+        else:
+            kwargs[key] = value
+    return ServeConfig(**kwargs)
+
+
+def load_config(path: str | Path, **overrides) -> ServeConfig:
+    """Read a ``.json`` or ``.toml`` serve config; keyword overrides replace fields."""
+    path = Path(path)
+    if path.suffix == ".toml":
+        import tomllib
+
+        raw = tomllib.loads(path.read_text())
+    elif path.suffix == ".json":
+        raw = json.loads(path.read_text())
+    else:
+        raise ValueError(f"path must end in .json or .toml, got {str(path)!r}")
+    cfg = config_from_dict(raw, path.parent)
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

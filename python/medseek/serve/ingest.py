@@ -1,0 +1,197 @@
+"""From uploaded content to encoder input, content hashes and store records.
+
+Every function here raises ``InvalidField`` (a ``ValueError``) naming the request field
+for anything wrong with the content; the servicer answers INVALID_ARGUMENT with it.
+DICOM is de-identified while it is read (``DeidConfig`` of the server): only keyed
+pseudonyms leave this module, never an original identifier. PNG/JPEG text chunks and EXIF
+are never read. Nothing here logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from medseek.index import ItemRecord
+from medseek.io import DeidConfig, MedicalImageError, ReadLimits, read_image, read_volume
+from medseek.io.sources import is_dicom
+
+from .config import PreprocessSpec
+
+#: collection used when a request names none, by content kind
+DEFAULT_COLLECTION = {"text": "report", "image": "image", "volume": "volume"}
+
+
+class InvalidField(ValueError):
+    """Bad request content; ``field`` names the request field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class Decoded:
+    """Content ready for the encoder.
+
+    Attributes
+    ----------
+    kind : {"text", "image", "volume"}
+    payload : str, or np.ndarray float32 (1, H, W) in [0, 1], or (D, H, W) in [0, 1]
+    sha256 : str
+        Of the decoded content (text UTF-8, or dtype + shape + pixel bytes), so the same
+        pixels with another (de-identified) header count as duplicates.
+    pixels : np.ndarray, optional
+        The full-resolution image (for region crops).
+    modality, body_part, view, patient_pseudonym, study_pseudonym : str, optional
+        From a DICOM header (pseudonyms only after de-identification).
+    """
+
+    kind: str
+    payload: object
+    sha256: str
+    pixels: np.ndarray | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    view: str | None = None
+    patient_pseudonym: str | None = None
+    study_pseudonym: str | None = None
+
+
+def _sha_array(a: np.ndarray) -> str:
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def decode_text(text: str, field: str) -> Decoded:
+    if not text.strip():
+        raise InvalidField(field, "empty text")
+    return Decoded("text", text, hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
+def to_unit_range(pixels: np.ndarray) -> np.ndarray:
+    """Scale by the image's own min and max into [0, 1] (a constant image gives 0)."""
+    x = pixels.astype(np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    return ((x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)).astype(np.float32)
+
+
+def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) float32 -> (H, W) float32, bilinear."""
+    im = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
+    return np.asarray(im.resize((size[1], size[0]), Image.BILINEAR), dtype=np.float32)
+
+
+def decode_image(data: bytes, field: str, spec: PreprocessSpec, limits: ReadLimits,
+                 deid: DeidConfig | None) -> Decoded:
+    """PNG / JPEG / DICOM bytes -> (1, H, W) float32 encoder input."""
+    if not data:
+        raise InvalidField(field, "empty image bytes")
+    if is_dicom(data) and deid is None:
+        raise InvalidField(field, "DICOM upload refused: the server has no de-identification "
+                                  "key (ServeConfig.deid)")
+    try:
+        img = read_image(data, limits=limits, deid=deid, name=field)
+    except MedicalImageError as exc:
+        raise InvalidField(field, str(exc).removeprefix(f"{field}: ")) from None
+    pixels = img.pixels
+    if pixels.ndim != 2 or min(pixels.shape) < 2:
+        raise InvalidField(field, f"image must be 2-D and at least 2x2, got shape {pixels.shape}")
+    if not np.isfinite(pixels).all():
+        raise InvalidField(field, "image contains NaN or infinite values")
+    unit = to_unit_range(pixels)
+    return Decoded("image", resize(unit, spec.image_size)[None], _sha_array(pixels),
+                   pixels=unit, modality=img.modality, body_part=img.body_part, view=img.view,
+                   patient_pseudonym=img.meta.get("patient_pseudonym"),
+                   study_pseudonym=img.meta.get("study_pseudonym"))
+
+
+def decode_volume(data: bytes, field: str, spec: PreprocessSpec, limits: ReadLimits,
+                  deid: DeidConfig | None) -> Decoded:
+    """NIfTI or zipped DICOM series -> resampled, windowed, cropped (D, H, W) float32."""
+    from medseek import volume as mv
+
+    if not data:
+        raise InvalidField(field, "empty volume bytes")
+    try:
+        vol = read_volume(data, limits=limits, deid=deid, name=field)
+    except MedicalImageError as exc:
+        raise InvalidField(field, str(exc).removeprefix(f"{field}: ")) from None
+    arr = vol.array
+    if arr.ndim != 3 or min(arr.shape) < 1:
+        raise InvalidField(field, f"volume must be 3-D (D, H, W), got shape {arr.shape}")
+    if arr.dtype == np.float32 and not np.isfinite(arr).all():
+        raise InvalidField(field, "volume contains NaN or infinite values")
+    try:
+        res = mv.resample(np.ascontiguousarray(arr), vol.spacing, spec.target_spacing)
+        win = mv.window(res, *spec.window)
+    except (ValueError, TypeError) as exc:
+        raise InvalidField(field, str(exc)) from None
+    my, mx = spec.volume_multiple
+    h, w = (win.shape[1] // my) * my, (win.shape[2] // mx) * mx
+    if h == 0 or w == 0:
+        raise InvalidField(field, f"volume is {win.shape[1]}x{win.shape[2]} pixels in-plane at "
+                                  f"{spec.target_spacing} mm, smaller than one {my}x{mx} patch")
+    y0, x0 = (win.shape[1] - h) // 2, (win.shape[2] - w) // 2
+    win = np.ascontiguousarray(win[:, y0:y0 + h, x0:x0 + w])
+    return Decoded("volume", win, _sha_array(arr), modality=vol.modality,
+                   body_part=vol.body_part,
+                   patient_pseudonym=vol.meta.get("patient_pseudonym"),
+                   study_pseudonym=vol.meta.get("study_pseudonym"))
+
+
+def crop(unit: np.ndarray, box, field: str, spec: PreprocessSpec) -> np.ndarray:
+    """The box ``(x0, y0, x1, y1)`` of a [0, 1] image, resized: (1, H, W) float32."""
+    h, w = unit.shape
+    x0, y0, x1, y1 = (float(box.x0), float(box.y0), float(box.x1), float(box.y1))
+    if not all(np.isfinite([x0, y0, x1, y1])):
+        raise InvalidField(field, "box must be finite")
+    c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+    c1, r1 = min(w, int(np.ceil(x1))), min(h, int(np.ceil(y1)))
+    if c1 - c0 < 2 or r1 - r0 < 2:
+        raise InvalidField(field, f"box ({x0}, {y0}, {x1}, {y1}) must cover at least 2x2 "
+                                  f"pixels inside the {w}x{h} image")
+    return resize(unit[r0:r1, c0:c1], spec.image_size)[None]
+
+
+def decode_content(kind: str, value, field: str, spec: PreprocessSpec, limits: ReadLimits,
+                   deid: DeidConfig | None) -> Decoded:
+    if kind == "text":
+        return decode_text(value, field)
+    if kind == "image":
+        return decode_image(value, field, spec, limits, deid)
+    return decode_volume(value, field, spec, limits, deid)
+
+
+def build_record(item, collection: str, dec: Decoded, field: str) -> ItemRecord:
+    """The store record of an ``IngestItem``; header values fill what the request left empty
+    (de-identified DICOM pseudonyms win over the request's)."""
+    try:
+        return ItemRecord(
+            id=item.id, collection=collection,
+            modality=item.modality or dec.modality, body_part=item.body_part or dec.body_part,
+            view=item.view or dec.view, labels=tuple(item.labels),
+            patient_pseudonym=dec.patient_pseudonym or item.patient_pseudonym or None,
+            study_pseudonym=dec.study_pseudonym or item.study_pseudonym or None,
+            source_document=item.source_document or None, content_sha256=dec.sha256)
+    except (ValueError, TypeError) as exc:
+        raise InvalidField(field, str(exc)) from None
+
+
+def region_record(parent: ItemRecord, region, collection: str, field: str) -> ItemRecord:
+    """The store record of a region crop of ``parent``: id ``<parent id>/region/<name>``,
+    the parent's metadata and provenance, ``parent_id``, ``region`` and ``box``."""
+    box = (region.box.x0, region.box.y0, region.box.x1, region.box.y1)
+    try:
+        return ItemRecord(
+            id=f"{parent.id}/region/{region.name}", collection=collection,
+            modality=parent.modality, body_part=parent.body_part, view=parent.view,
+            labels=parent.labels, patient_pseudonym=parent.patient_pseudonym,
+            study_pseudonym=parent.study_pseudonym, source_document=parent.source_document,
+            parent_id=parent.id, region=region.name, box=box)
+    except (ValueError, TypeError) as exc:
+        raise InvalidField(field, str(exc)) from None

@@ -1,0 +1,202 @@
+"""Start the retrieval server: ``create_server`` (tests, embedding), ``serve`` (the command),
+``ServerThread`` (an in-process server on its own event loop, for sync callers).
+
+Start-up opens the store, loads each collection's saved index and catches it up from the
+store's changelog (``Catalog.open``), so the index always agrees with what was committed,
+even after a SIGKILL. Shutdown (``RetrievalServer.stop``) refuses new calls, lets in-flight
+calls finish for up to ``grace_s``, drains the batchers, saves the indexes and closes the
+store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from medseek.index import Catalog, CatalogConfig, Store, StoreConfig
+from medseek.search import ConceptBank, SearchPipeline
+from medseek.text.lexicon import FINDINGS
+
+from .auth import BearerTokenInterceptor
+from .config import ServeConfig
+from .metrics import ServerMetrics
+from .servicer import RetrievalService
+from .v1 import retrieval_pb2, retrieval_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name
+
+
+def concept_bank(encoder) -> ConceptBank:
+    """Text embeddings of the finding lexicon, the concepts that explain a match (CEMRAG)."""
+    names = tuple(f.name for f in FINDINGS)
+    return ConceptBank(names, encoder.encode_texts(list(names)))
+
+
+def add_health(server: grpc.aio.Server, services: list[str]) -> health.aio.HealthServicer:
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return servicer
+
+
+def add_reflection(server: grpc.aio.Server, services: list[str]) -> None:
+    reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
+
+
+class RetrievalServer:
+    """A built, bound server: ``await start()``, ``await stop()``, ``port``."""
+
+    def __init__(self, grpc_server, service, health_servicer, port, metrics, config) -> None:
+        self.grpc_server, self.service, self.health = grpc_server, service, health_servicer
+        self.port, self.metrics, self.config = port, metrics, config
+        self.metrics_port: int | None = None
+
+    async def start(self) -> None:
+        self.service.start()
+        await self.grpc_server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(self.config.metrics_port)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("medseek server listening on %s:%d", self.config.host, self.port)
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.config.grace_s if grace is None else grace
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc_server.stop(grace)  # in-flight calls finish within grace
+        await self.service.close()
+        svc = self.service
+        svc.catalog.save()
+        svc.pipeline.close()
+        svc.store.close()
+        self.metrics.close()
+        log.info("medseek server stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+def create_server(config: ServeConfig, encoder, *,
+                  unavailable_errors: tuple = (ConnectionError, TimeoutError),
+                  ) -> tuple[RetrievalServer, int]:
+    """Build and bind the server (not started); call from inside the serving event loop.
+
+    Returns
+    -------
+    (RetrievalServer, port) : the port actually bound (``config.port`` 0 picks one).
+    """
+    store = Store(StoreConfig(config.store_path, model=config.model))
+    try:
+        catalog = Catalog(store, CatalogConfig(config.index_dir))
+        opened = catalog.open()
+        log.info("catalog opened: %d collections", len(opened))
+        dims = store.collections()
+        if any(d != encoder.dim for d in dims.values()):
+            raise ValueError(f"encoder.dim {encoder.dim} differs from the store's collection "
+                             f"dims {dims}")
+        pipeline = SearchPipeline(catalog, store, config.search, concepts=concept_bank(encoder))
+    except BaseException:
+        store.close()
+        raise
+    metrics = ServerMetrics()
+    service = RetrievalService(config, encoder, store, catalog, pipeline, metrics,
+                               unavailable_errors)
+    interceptors = [BearerTokenInterceptor(config.tokens)] if config.tokens else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+        ("grpc.max_send_message_length", config.max_send_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ])
+    retrieval_pb2_grpc.add_RetrievalServicer_to_server(service, server)
+    health_servicer = add_health(server, [SERVICE_NAME])
+    add_reflection(server, [SERVICE_NAME, health.SERVICE_NAME])
+    if config.tls_cert is not None:
+        creds = grpc.ssl_server_credentials(
+            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+        port = server.add_secure_port(config.address, creds)
+    else:
+        port = server.add_insecure_port(config.address)
+    if port == 0:
+        raise RuntimeError(f"could not bind {config.address}")
+    return RetrievalServer(server, service, health_servicer, port, metrics, config), port
+
+
+async def _serve(config: ServeConfig, encoder, ready=None) -> None:
+    server, port = create_server(config, encoder)
+    await server.start()
+    if ready is not None:
+        ready(server, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+
+
+def serve(config: ServeConfig, encoder, ready=None) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully. ``ready(server, port)`` is
+    called once listening (e.g. to write a port file)."""
+    asyncio.run(_serve(config, encoder, ready))
+
+
+class ServerThread:
+    """An in-process server on its own event loop thread (tests, ``medseek demo``).
+
+    ``with ServerThread(config, encoder) as s: ... s.port`` ; ``stop()`` is graceful.
+    """
+
+    def __init__(self, config: ServeConfig, encoder, **kwargs) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.server: RetrievalServer | None = None
+        self.port = 0
+        self._thread = threading.Thread(target=self._run, args=(config, encoder, kwargs),
+                                        name="medseek-server", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+
+    def _run(self, config, encoder, kwargs) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self.server, self.port = self._loop.run_until_complete(
+                self._start(config, encoder, kwargs))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the constructor
+            self._error = exc
+            self._ready.set()
+            self._loop.close()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.close()
+
+    async def _start(self, config, encoder, kwargs):
+        server, port = create_server(config, encoder, **kwargs)
+        await server.start()
+        return server, port
+
+    def stop(self, grace: float | None = None) -> None:
+        if self.server is None:
+            return
+        fut = asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop)
+        fut.result()
+        self.server = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,402 @@
+"""``medseek.v1.Retrieval`` handlers over the store, the catalog, the pipeline and an encoder.
+
+Work leaves the event loop for three thread pools: decoding (pixels, de-identification),
+the encoder (one thread, fed by the encode micro-batcher) and the index (one thread: store
+writes, catalog syncs and searches, fed by the search micro-batcher). Every handler maps
+failures to a precise status (``messages.status_of``); an unexpected error is INTERNAL for that
+call and the server keeps serving. Logs carry RPC names, status codes and counts only:
+never ids, pseudonyms, text or pixels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import math
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import grpc
+import numpy as np
+
+from medseek.search import RegionQuery, SearchFilters
+
+from . import ingest as ing
+from .batcher import MicroBatcher
+from .messages import NotFound, item_message, status_of
+from .routed import input_geometry
+from .v1 import retrieval_pb2 as pb
+from .v1 import retrieval_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+MAX_K = 1000
+
+
+class RetrievalService(pb_grpc.RetrievalServicer):
+    """The servicer (module docstring). Call ``start`` in the serving loop, ``close`` after.
+
+    Parameters
+    ----------
+    config : ServeConfig
+    encoder : Encoder
+        ``dim``, ``encode_texts``, ``encode_images``, ``encode_volumes``.
+    store, catalog, pipeline : Store, Catalog (opened), SearchPipeline
+    metrics : ServerMetrics
+    unavailable_errors : tuple of exception types
+        Errors of the encoder that mean its backend is down (-> UNAVAILABLE).
+    """
+
+    def __init__(self, config, encoder, store, catalog, pipeline, metrics,
+                 unavailable_errors: tuple = (ConnectionError, TimeoutError)) -> None:
+        size, multiple = input_geometry(encoder)
+        config = replace(config, preprocess=replace(
+            config.preprocess, image_size=size or config.preprocess.image_size,
+            volume_multiple=multiple or config.preprocess.volume_multiple))
+        self.config, self.encoder, self.store = config, encoder, store
+        self.catalog, self.pipeline, self.metrics = catalog, pipeline, metrics
+        self.unavailable = tuple(unavailable_errors)
+        self._decode_pool = ThreadPoolExecutor(2, thread_name_prefix="medseek-decode")
+        self._encode_pool = ThreadPoolExecutor(1, thread_name_prefix="medseek-encode")
+        self._index_pool = ThreadPoolExecutor(1, thread_name_prefix="medseek-index")
+        self._pipelines = {(config.search.lam, config.search.k_prime): pipeline}
+        # items of one Ingest call in flight at once: a batch, and at most half the queue
+        b = config.encode_batch
+        self._ingest_batch = max(1, min(b.max_batch, b.max_queue // 2))
+        self.encode_batcher = MicroBatcher("encode", self._encode_batch, config.encode_batch,
+                                           self._encode_pool, metrics.on_batch)
+        self.search_batcher = MicroBatcher("search", self._search_batch, config.search_batch,
+                                           self._index_pool, metrics.on_batch)
+        self._update_index_gauges()
+
+    def start(self) -> None:
+        self.encode_batcher.start()
+        self.search_batcher.start()
+
+    async def close(self) -> None:
+        await self.encode_batcher.close()
+        await self.search_batcher.close()
+        for pool in (self._decode_pool, self._encode_pool, self._index_pool):
+            pool.shutdown(wait=True)
+
+    # -- plumbing ---------------------------------------------------------------------
+    async def _in(self, pool, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    async def _guarded(self, method: str, context, work):
+        """Run ``work()``; map its failure to a status; record latency per code."""
+        t0, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            return await work()
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # noqa: BLE001 - each mapped to a status; never fatal
+            code, message = status_of(exc, self.unavailable)
+            if code == grpc.StatusCode.INTERNAL:  # frames only: a message may hold data
+                log.error("%s failed with an unexpected %s at\n%s", method, type(exc).__name__,
+                          "".join(traceback.format_tb(exc.__traceback__)))
+            await context.abort(code, message)
+        finally:
+            self.metrics.rpc.labels(method, code.name).observe(time.perf_counter() - t0)
+            self.metrics.queue.labels("encode").set(self.encode_batcher.depth)
+            self.metrics.queue.labels("search").set(self.search_batcher.depth)
+
+    def _update_index_gauges(self) -> None:
+        for name in self.store.collections():
+            try:
+                self.metrics.index_size.labels(name).set(len(self.catalog.index(name)))
+            except ValueError:
+                pass
+
+    # -- encoding -----------------------------------------------------------------------
+    def _encode_batch(self, kind: str, payloads: list) -> list:
+        """``payloads``: [(field, content)] of one kind -> [(dim,) or exception]."""
+        try:
+            return self._encode_rows(kind, payloads)
+        except (ValueError, TypeError):
+            if len(payloads) == 1:
+                raise ing.InvalidField(payloads[0][0], "rejected by the encoder") from None
+        out = []  # one bad input must not fail its batch-mates: retry one by one
+        for p in payloads:
+            try:
+                out.append(self._encode_rows(kind, [p])[0])
+            except (ValueError, TypeError):
+                out.append(ing.InvalidField(p[0], "rejected by the encoder"))
+        return out
+
+    def _encode_rows(self, kind: str, payloads: list) -> list:
+        t0 = time.perf_counter()
+        items = [c for _, c in payloads]
+        if kind == "text":
+            embs = self.encoder.encode_texts(items)
+        elif kind == "image":
+            embs = self.encoder.encode_images(np.stack(items).astype(np.float32))
+        else:
+            embs = self.encoder.encode_volumes(items)
+        embs = np.asarray(embs, dtype=np.float32)
+        self.metrics.stage.labels("encode").observe(time.perf_counter() - t0)
+        out = []
+        for (field, _), row in zip(payloads, embs):
+            if not np.isfinite(row).all():
+                out.append(ing.InvalidField(field, "the encoder produced a NaN embedding"))
+            else:
+                out.append(row)
+        return out
+
+    async def _encode(self, kind: str, field: str, content) -> np.ndarray:
+        return await self.encode_batcher.submit(kind, (field, content))
+
+    async def _decode(self, kind: str, value, field: str) -> ing.Decoded:
+        t0 = time.perf_counter()
+        c = self.config
+        dec = await self._in(self._decode_pool, ing.decode_content, kind, value, field,
+                             c.preprocess, c.limits, c.deid)
+        self.metrics.stage.labels("decode").observe(time.perf_counter() - t0)
+        return dec
+
+    # -- Search -------------------------------------------------------------------------
+    async def Search(self, request, context):
+        return await self._guarded("Search", context, lambda: self._search(request))
+
+    async def SearchStream(self, request_iterator, context):
+        limit = asyncio.Semaphore(max(1, self.config.search_batch.max_batch))
+        tasks: asyncio.Queue = asyncio.Queue()
+
+        async def one(req):
+            async with limit:
+                return await self._search(req)
+
+        async def read():
+            async for req in request_iterator:
+                await tasks.put(asyncio.ensure_future(one(req)))
+            await tasks.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await tasks.get()) is not None:
+                yield await self._guarded("SearchStream", context, lambda t=task: t)
+        finally:
+            reader.cancel()
+
+    async def _search(self, request) -> pb.SearchResponse:
+        kind = request.WhichOneof("query")
+        if kind is None:
+            raise ing.InvalidField("query", "one of text, image, volume or item_id is required")
+        k = request.k or self.config.search.k
+        if not 1 <= k <= MAX_K:
+            raise ing.InvalidField("k", f"must be in [1, {MAX_K}], got {k}")
+        lam = self.config.search.lam
+        if request.HasField("mmr_lambda"):
+            lam = float(request.mmr_lambda)
+            if not (math.isfinite(lam) and 0.0 <= lam <= 1.0):
+                raise ing.InvalidField("mmr_lambda", f"must be in [0, 1], got {lam}")
+        region_name = request.region.name if request.HasField("region") else ""
+        if request.HasField("region") and not region_name:
+            raise ing.InvalidField("region.name", "must be non-empty")
+        collection, region_emb, exclude = request.collection, None, None
+        if kind == "item_id":
+            query, stored_coll, region_emb = await self._in(
+                self._index_pool, self._stored_query, request.item_id, region_name)
+            collection, exclude = collection or stored_coll, request.item_id
+        else:
+            dec = await self._decode(kind, getattr(request, kind), kind)
+            query = await self._encode(kind, kind, dec.payload)
+            collection = collection or ing.DEFAULT_COLLECTION[kind]
+            if region_name:
+                if kind != "image" or not request.region.HasField("box"):
+                    raise ing.InvalidField("region.box", "a region rerank needs an image query "
+                                                         "with a box, or an item_id query")
+                crop = ing.crop(dec.pixels, request.region.box, "region.box",
+                                self.config.preprocess)
+                region_emb = await self._encode("image", "region.box", crop)
+        if collection not in self.store.config.collections:
+            raise ing.InvalidField("collection", f"must be one of "
+                                   f"{self.store.config.collections}, got {collection!r}")
+        f = request.filters
+        filters = SearchFilters(**{name: tuple(getattr(f, name)) or None for name in (
+            "modality", "body_part", "view", "labels_any", "exclude_patients",
+            "exclude_studies")})
+        key = (collection, k + (exclude is not None), filters, region_name or None,
+               request.diversify, lam)
+        result = await self.search_batcher.submit(key, (query, region_emb))
+        hits = [h for h in result.hits if h.id != exclude][:k] if result is not None else []
+        resp = pb.SearchResponse(request_id=request.request_id,
+                                 candidates=result.candidates if result is not None else 0)
+        for h in hits:
+            hit = resp.hits.add(id=h.id, score=h.score, global_score=h.global_score,
+                                matched_region=h.matched_region or "",
+                                region_id=h.region_id or "")
+            if h.region_score is not None:
+                hit.region_score = h.region_score
+            hit.item.CopyFrom(item_message(h.record))
+            for c in h.explanation or ():
+                hit.concepts.add(name=c.concept, query_score=c.query_score,
+                                 hit_score=c.hit_score, contribution=c.contribution)
+        for stage, seconds in (result.timings.items() if result is not None else ()):
+            resp.timings_ms[stage] = seconds * 1e3
+            self.metrics.stage.labels(stage).observe(seconds)
+        return resp
+
+    def _stored_query(self, item_id: str, region_name: str):
+        got = self.store.get([item_id], with_embeddings=True).get(item_id)
+        if got is None or got.embedding is None:
+            raise NotFound(f"item_id: no stored item {item_id!r}")
+        region_emb = None
+        if region_name:
+            rows = self.pipeline.reader.children(
+                [item_id], self.config.search.region_collection, region_name).get(item_id, ())
+            usable = [r.embedding for r in rows if r.embedding is not None]
+            if not usable:
+                raise ing.InvalidField("region.name", f"item {item_id!r} has no region "
+                                                      f"{region_name!r}")
+            region_emb = usable[0]
+        return got.embedding, got.record.collection, region_emb
+
+    def _search_batch(self, key, payloads: list) -> list:
+        collection, k, filters, region_name, diversify, lam = key
+        try:
+            self.catalog.index(collection)
+        except ValueError:
+            return [None] * len(payloads)  # nothing stored in this collection yet
+        # without rerank or diversification the top k are final: fetching K' is wasted work
+        k_prime = self.config.search.k_prime if region_name or diversify else k
+        pipeline = self._pipelines.get((lam, k_prime))
+        if pipeline is None:  # same reader and catalog; another MMR weight or K'
+            base = self.pipeline.config
+            pipeline = copy.copy(self.pipeline)
+            pipeline.config = replace(base, lam=lam, k_prime=k_prime, k=min(base.k, k_prime))
+            self._pipelines[(lam, k_prime)] = pipeline
+        queries = np.stack([q for q, _ in payloads]).astype(np.float32)
+        region = None
+        if region_name is not None:
+            region = RegionQuery(region_name, np.stack([r for _, r in payloads]))
+        try:
+            return pipeline.search(collection, queries, k, filters, region, diversify)
+        except ValueError as exc:
+            raise ing.InvalidField("query", str(exc)) from None
+
+    # -- writes -------------------------------------------------------------------------
+    async def Ingest(self, request_iterator, context):
+        return await self._guarded("Ingest", context, lambda: self._ingest(request_iterator))
+
+    async def _ingest(self, request_iterator) -> pb.IngestResponse:
+        """Items are decoded and encoded concurrently (their encodes share micro-batches),
+        committed ``max_batch`` at a time, and acknowledged only after each commit."""
+        resp, pending, n = pb.IngestResponse(), [], 0
+        try:
+            async for item in request_iterator:
+                if any(i == item.id for i, _ in pending):  # a repeat: commit the first one
+                    await self._flush(pending, resp)
+                pending.append((item.id, asyncio.ensure_future(self._prepare(item, n))))
+                n += 1
+                if len(pending) >= self._ingest_batch:
+                    await self._flush(pending, resp)
+            await self._flush(pending, resp)
+        finally:
+            for _, task in pending:  # a failure or cancellation: drop the rest
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: the first failure is what is reported
+                task.cancel()
+        return resp
+
+    async def _prepare(self, item, i: int):
+        """Decode and encode one item: (record, embedding, [(child record, embedding)])."""
+        kind = item.WhichOneof("content")
+        if not item.id:
+            raise ing.InvalidField(f"items[{i}].id", "is required")
+        if kind is None:
+            raise ing.InvalidField(f"items[{i}].content", "one of text, image, volume is required")
+        field = f"items[{i}].{kind}"
+        dec = await self._decode(kind, getattr(item, kind), field)
+        collection = item.collection or ing.DEFAULT_COLLECTION[kind]
+        record = ing.build_record(item, collection, dec, f"items[{i}]")
+        jobs = [self._encode(kind, field, dec.payload)]
+        children = []
+        for j, region in enumerate(item.regions):
+            rfield = f"items[{i}].regions[{j}]"
+            if kind != "image" or not region.name or not region.HasField("box"):
+                raise ing.InvalidField(rfield, "regions need an image item, a name and a box")
+            children.append(ing.region_record(record, region, self.config.search.region_collection,
+                                              rfield))
+            jobs.append(self._encode("image", rfield, ing.crop(
+                dec.pixels, region.box, f"{rfield}.box", self.config.preprocess)))
+        embs = await asyncio.gather(*jobs)
+        return record, embs[0], list(zip(children, embs[1:]))
+
+    async def _flush(self, pending: list, resp: pb.IngestResponse) -> None:
+        if not pending:
+            return
+        batch = list(await asyncio.gather(*(task for _, task in pending)))
+        pending.clear()
+        t0 = time.perf_counter()
+        results = await self._in(self._index_pool, self._commit, batch)
+        self.metrics.stage.labels("store_commit").observe(time.perf_counter() - t0)
+        for r in results:  # after the commit: these are the acknowledgements
+            resp.acks.add(id=r.id, status=r.status, duplicate_of=r.duplicate_of or "")
+            resp.inserted += r.status == "inserted"
+            resp.updated += r.status == "updated"
+            resp.duplicates += r.status == "duplicate"
+
+    def _commit(self, batch: list) -> list:
+        records = [b[0] for b in batch]
+        try:
+            results = self.store.upsert(records, np.stack([b[1] for b in batch]))
+            written = {r.id for r in results if r.status != "duplicate"}
+            kids = [c for rec, _, cs in batch if rec.id in written for c in cs]
+            if kids:
+                self.store.upsert([c for c, _ in kids], np.stack([e for _, e in kids]))
+        except (ValueError, TypeError) as exc:
+            raise ing.InvalidField("items", str(exc)) from None
+        self.catalog.sync()
+        self._update_index_gauges()
+        return results
+
+    async def Delete(self, request, context):
+        return await self._guarded("Delete", context, lambda: self._in(
+            self._index_pool, self._delete, list(request.ids)))
+
+    def _delete(self, ids: list[str]) -> pb.DeleteResponse:
+        if not ids:
+            raise ing.InvalidField("ids", "at least one id is required")
+        missing = sorted(set(ids) - set(self.store.get(ids)))
+        if missing:
+            raise NotFound(f"ids: no stored items {missing[:5]}")
+        deleted = self.store.delete(ids)
+        self.catalog.sync()
+        self._update_index_gauges()
+        return pb.DeleteResponse(deleted=deleted)
+
+    # -- reads --------------------------------------------------------------------------
+    async def Get(self, request, context):
+        return await self._guarded("Get", context, lambda: self._in(
+            self._index_pool, self._get, list(request.ids), request.with_embedding))
+
+    def _get(self, ids: list[str], with_embedding: bool) -> pb.GetResponse:
+        if not ids:
+            raise ing.InvalidField("ids", "at least one id is required")
+        got = self.store.get(ids, with_embeddings=with_embedding)
+        missing = [i for i in ids if i not in got]
+        if missing:
+            raise NotFound(f"ids: no stored items {missing[:5]}")
+        return pb.GetResponse(items=[item_message(got[i].record, got[i].embedding) for i in ids])
+
+    async def Stats(self, request, context):
+        return await self._guarded("Stats", context, lambda: self._in(self._index_pool,
+                                                                      self._stats))
+
+    def _stats(self) -> pb.StatsResponse:
+        s = self.store.stats()
+        resp = pb.StatsResponse(last_seq=s["last_seq"], model=s["model"],
+                                encode_queue_depth=self.encode_batcher.depth,
+                                search_queue_depth=self.search_batcher.depth)
+        for name, dim in s["dims"].items():
+            try:
+                indexed, applied = len(self.catalog.index(name)), self.catalog.applied_seq(name)
+            except ValueError:
+                indexed, applied = 0, 0
+            resp.collections.add(name=name, items=s["items"].get(name, 0), indexed=indexed,
+                                 dim=dim, applied_seq=applied)
+        return resp

@@ -1,0 +1,1 @@
+"""Generated gRPC code of medseek.v1 (see medseek.serve.codegen)."""
