@@ -1,0 +1,90 @@
+"""``medseek train``: train a dual encoder from a recipe on a manifest corpus.
+
+    medseek train --recipe tiny-wrist --data corpora/synth-wrist --out runs/wrist [--steps N] [--resume]
+
+Writes ``RUN_DIR/recipe.json`` (the resolved recipe), ``metrics.jsonl``,
+``curation.json`` (when the recipe curates) and ``checkpoint.safetensors``. Under
+``torchrun`` (``RANK``/``WORLD_SIZE`` set by torchrun, read here in the command, not in
+the library) it joins a process group: gloo on CPU, NCCL on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train a dual encoder from a recipe",
+                              description="Train a dual encoder (medseek.train) from a recipe.")
+    p.add_argument("--recipe", required=True, help="recipe name (tiny-cxr, tiny-wrist, tiny-ct, demo, "
+                   "small, base) or a JSON path")
+    p.add_argument("--data", required=True, help="corpus directory holding manifest.parquet")
+    p.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl)")
+    p.add_argument("--steps", type=int, default=None, help="override the recipe's optimizer steps")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.safetensors")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train)
+
+
+def _init_distributed(device_type: str) -> bool:
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return True
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from medseek.models.factory import create_model
+
+    from .curation import apply_curation
+    from .data import PairDataset
+    from .loop import Trainer
+    from .optim import describe_split
+    from .recipe import load_recipe
+
+    overrides = {"steps": args.steps} if args.steps is not None else {}
+    cfg = load_recipe(args.recipe, **overrides)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)  # NCCL needs each rank on its own GPU, set before init
+    ddp = _init_distributed(torch.device(device).type)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, pretrained_text=cfg.pretrained_text, **cfg.model_overrides)
+    train = PairDataset.from_manifest(args.data, model.cfg, "train")
+    try:
+        val = PairDataset.from_manifest(args.data, model.cfg, "val")
+    except ValueError:
+        val = None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, report = apply_curation(train, cfg.curation, model)
+    if report is not None:
+        (out / "curation.json").write_text(json.dumps(report, indent=1))
+    trainer = Trainer(cfg, model, train, out, val=val, device=device, progress=not args.no_progress)
+    if args.resume:
+        trainer.resume()
+    if trainer.rank == 0:
+        (out / "recipe.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        print(f"train: {len(train)} pairs, optimizer split {describe_split(trainer.split)}")
+    last = trainer.fit()
+    if trainer.rank == 0:
+        print(f"train: step {trainer.step}, loss {last.get('loss', float('nan')):.4f}, "
+              f"{trainer.samples_seen} samples, {trainer.compute['wall_s']:.1f} s wall; "
+              f"checkpoint {out / 'checkpoint.safetensors'}")
+    if ddp:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0

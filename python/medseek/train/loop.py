@@ -1,0 +1,328 @@
+"""The Trainer: seeded, resumable, data-parallel training of a DualEncoder.
+
+Data order
+----------
+The sample stream is the concatenation of epoch permutations, epoch ``e`` being
+``torch.randperm(N, generator=Generator().manual_seed(seed + e))``; ``position`` counts
+the samples taken. An optimizer step takes ``batch_size`` consecutive samples, split into
+``accum_steps`` micro-batches; with ``world`` ranks each micro-batch is cut into ``world``
+contiguous slices, rank ``r`` taking slice ``r``. The stream depends only on the seed and
+the position, so a resumed run (position read from the checkpoint) sees exactly the data
+the uninterrupted run would. (This replaces ``DistributedSampler``, whose per-epoch
+shuffle cannot resume mid-epoch and interleaves ranks, which would change the contrastive
+batches.)
+
+Data parallel
+-------------
+Every rank gathers the embeddings of the micro-batch from all ranks (:func:`gather_cat`,
+differentiable) and computes the loss of the *whole* micro-batch, so negatives are the
+same as in one process. Each rank's backward then yields ``world ×`` its share of the
+true gradient (the gather's backward sums the gradient over ranks); averaging the
+gradients over ranks (all-reduce / world) gives exactly the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import PairDataset, collate, load_tokenizer, tokenize
+from .losses import combine_losses, encode_batch
+from .optim import build_optimizer, describe_split
+from .recipe import TrainConfig
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+class _GatherCat(torch.autograd.Function):
+    """all_gather along dim 0 with equal sizes; backward: sum the gradient over ranks
+    (all_reduce, which gloo supports, unlike reduce_scatter) and keep this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.n = dist.get_rank(), t.shape[0]
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` over ranks along dim 0 (sizes may differ: padded, then cut)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    size = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    longest = max(sizes)
+    padded = torch.cat([t, t.new_zeros(longest - t.shape[0], *t.shape[1:])]) if t.shape[0] < longest else t
+    if t.is_floating_point() and t.requires_grad:
+        full = _GatherCat.apply(padded)
+    else:
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        full = torch.cat(parts)
+    return torch.cat([full[r * longest:r * longest + n] for r, n in enumerate(sizes)])
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
+
+
+def stream_indices(n: int, seed: int, start: int, count: int) -> list[int]:
+    """``count`` items of the seeded stream of epoch permutations from ``start``."""
+    out: list[int] = []
+    pos = start
+    while len(out) < count:
+        epoch, offset = divmod(pos, n)
+        take = list(_epoch_permutation(n, seed, epoch)[offset:offset + count - len(out)])
+        out += take
+        pos += len(take)
+    return out
+
+
+class Trainer:
+    """Train ``model`` on ``train`` with recipe ``cfg``, writing to ``out_dir``.
+
+    ``out_dir`` receives ``metrics.jsonl`` (one line per logged step and per evaluation)
+    and ``checkpoint.safetensors``. ``rank``/``world`` come from an initialised
+    ``torch.distributed`` process group (world 1 when none).
+    """
+
+    def __init__(self, cfg: TrainConfig, model, train: PairDataset, out_dir: str | Path, *,
+                 val: PairDataset | None = None, device: str | torch.device = "cpu",
+                 progress: bool = True) -> None:
+        import torch.distributed as dist
+
+        self.cfg, self.model, self.train, self.val = cfg, model, train, val
+        self.out = Path(out_dir)
+        self.device = torch.device(device)
+        self.progress = progress
+        ddp = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if ddp else 0
+        self.world = dist.get_world_size() if ddp else 1
+        micro = cfg.batch_size // cfg.accum_steps
+        if micro % self.world:
+            raise ValueError(f"micro-batch {micro} (batch_size / accum_steps) must be divisible "
+                             f"by the world size {self.world}")
+        self.model.to(self.device)
+        self.optimizer, self.split = build_optimizer(model, cfg.optim)
+        self.tokenizer = load_tokenizer(model.cfg.text.max_length)
+        self.step = 0
+        self.position = 0
+        self.samples_seen = 0
+        self.compute = {"wall_s": 0.0, "cpu_s": 0.0}
+        self._cache: dict[int, dict] = {}
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict:
+        return {"step": self.step, "position": self.position, "samples_seen": self.samples_seen,
+                "compute": dict(self.compute), "recipe": self.cfg.to_dict(), "world": self.world}
+
+    def save(self, path: str | Path | None = None) -> Path:
+        path = Path(path) if path is not None else self.out / CHECKPOINT_NAME
+        if self.rank == 0:
+            save_checkpoint(path, self.model, self.optimizer, self.state())
+        return path
+
+    def resume(self, path: str | Path | None = None) -> None:
+        path = Path(path) if path is not None else self.out / CHECKPOINT_NAME
+        state = load_checkpoint(path, self.model, self.optimizer)
+        self.step, self.position = int(state["step"]), int(state["position"])
+        self.samples_seen = int(state["samples_seen"])
+        self.compute = dict(state["compute"])
+
+    # ------------------------------------------------------------------ steps
+
+    def _item(self, i: int) -> dict:
+        if i not in self._cache:
+            self._cache[i] = self.train[i]  # decoded once: PNG/NIfTI decoding dominates tiny runs
+        return self._cache[i]
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _lr_factor(self) -> float:
+        w = self.cfg.optim.warmup_steps
+        return min(1.0, (self.step + 1) / w) if w else 1.0
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns the logged numbers."""
+        import torch.distributed as dist
+
+        cfg = self.cfg
+        micro = cfg.batch_size // cfg.accum_steps
+        local = micro // self.world
+        self.model.train()
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        gather = gather_cat if self.world > 1 else (lambda t: t)
+        totals: dict[str, float] = {}
+        loss_sum = 0.0
+        for _ in range(cfg.accum_steps):
+            idx = stream_indices(len(self.train), cfg.seed, self.position, micro)
+            self.position += micro
+            mine = idx[self.rank * local:(self.rank + 1) * local]
+            batch = self._to_device(collate([self._item(i) for i in mine], self.tokenizer,
+                                            self.train.text_ids))
+            with amp:
+                emb = encode_batch(self.model, batch, cfg.loss)
+                loss, parts = combine_losses(self.model, emb, batch, cfg.loss, gather)
+            (loss / cfg.accum_steps).backward()
+            loss_sum += float(loss.detach()) / cfg.accum_steps
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + v / cfg.accum_steps
+        if self.world > 1:
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(self.world)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.optimizer.set_lr_factor(self._lr_factor())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.samples_seen += cfg.batch_size
+        return {"loss": loss_sum, **{f"loss_{k}": v for k, v in totals.items()}}
+
+    def _counted_step(self) -> dict:
+        """A train step under ``FlopCounterMode``: forward, backward and optimizer FLOPs of
+        this rank, measured once and reused as the per-step estimate (compute accounting
+        for the curation comparison; volumes of other sizes cost more or less)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = self.train_step()
+        self.compute["flops_per_step"] = float(counter.get_total_flops()) * self.world
+        return out
+
+    def fit(self, steps: int | None = None) -> dict:
+        """Train until ``steps`` (default the recipe's) optimizer steps are done in total."""
+        from tqdm import tqdm
+
+        target = self.cfg.steps if steps is None else int(steps)
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = (self.out / "metrics.jsonl").open("a") if self.rank == 0 else None
+        bar = tqdm(total=target, initial=self.step, desc="train",
+                   disable=not self.progress or self.rank != 0, dynamic_ncols=True)
+        last: dict = {}
+        try:
+            if self.step == 0 and self.val is not None and self.cfg.eval_every:
+                self._log_eval(log)  # the untrained baseline, for "beats an untrained tower"
+            while self.step < target:
+                t0, c0 = time.perf_counter(), time.process_time()
+                if "flops_per_step" not in self.compute:
+                    last = self._counted_step()
+                else:
+                    last = self.train_step()
+                self.compute["flops"] = self.compute.get("flops", 0.0) + self.compute["flops_per_step"]
+                dt = time.perf_counter() - t0
+                self.compute["wall_s"] += dt
+                self.compute["cpu_s"] += time.process_time() - c0
+                rate = self.cfg.batch_size / max(dt, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{rate:.1f}")
+                row = {"step": self.step, **last, "lr_factor": self._lr_factor(),
+                       "samples_seen": self.samples_seen, "samples_per_s": rate, **self.compute}
+                if log and (self.step % max(self.cfg.log_every, 1) == 0 or self.step == target):
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                    self.save()
+                if self.val is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                    self._log_eval(log)
+            if self.val is not None and not (self.cfg.eval_every and self.step % self.cfg.eval_every == 0):
+                self._log_eval(log)
+            self.save()
+        finally:
+            bar.close()
+            if log:
+                log.close()
+        return last
+
+    def _log_eval(self, log) -> None:
+        if self.rank != 0:
+            return
+        metrics = evaluate(self.model, self.val, self.tokenizer, self.device)
+        if log:
+            clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+            log.write(json.dumps({"step": self.step, "eval": clean}) + "\n")
+            log.flush()
+
+
+@torch.no_grad()
+def evaluate(model, ds: PairDataset, tokenizer, device="cpu", batch_size: int = 16) -> dict:
+    """Val metrics: image→image nDCG@10 (Jaccard label overlap, self excluded), mean
+    zero-shot AUROC from prompts ``"<label>"`` vs ``"no <label>"``, and the modality gap
+    (centroid distance, pair/cross cosine) between image and report embeddings."""
+    from medseek.eval.classification import per_label_auroc_auprc, zero_shot_scores
+    from medseek.eval.metrics import label_overlap_relevance, ndcg_at_k
+
+    model.eval()
+    vis, txt = [], []
+    for s in range(0, len(ds), batch_size):
+        items = [ds[i] for i in range(s, min(s + batch_size, len(ds)))]
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                 for k, v in collate(items, tokenizer, ds.text_ids).items()}
+        emb = encode_batch(model, batch, _EVAL_LOSS)
+        vis.append(emb["visual"].float().cpu())
+        txt.append(emb["text"].float().cpu())
+    v, t = torch.cat(vis).numpy(), torch.cat(txt).numpy()
+    labels = ds.label_matrix()
+    out: dict = {"n": len(ds)}
+    scores = v @ v.T
+    np.fill_diagonal(scores, -np.inf)
+    nd = ndcg_at_k(scores, label_overlap_relevance(labels, labels, "jaccard"), 10)
+    out["ndcg@10"] = float(np.nanmean(nd)) if np.isfinite(nd).any() else float("nan")
+    prompts = [p for name in ds.label_names for p in (name, f"no {name}")]
+    ids, mask = tokenize(tokenizer, prompts)
+    pe = model.encode_text(ids.to(device), mask.to(device)).float().cpu().numpy()
+    zs = zero_shot_scores(v, pe.reshape(len(ds.label_names), 2, -1))
+    aucs = [a for a, _ in per_label_auroc_auprc(zs, labels, list(ds.label_names)).values()]
+    finite = [a for a in aucs if not math.isnan(a)]
+    out["zero_shot_auroc"] = float(np.mean(finite)) if finite else float("nan")
+    mv, mt = v.mean(0), t.mean(0)
+    out["gap_centroid_distance"] = float(np.linalg.norm(mv - mt))
+    out["gap_pair_cosine"] = float((v * t).sum(1).mean())
+    out["gap_cross_cosine"] = float(mv @ mt)
+    if len(ds) >= 10:  # a 5-fold classifier needs a few rows per fold
+        from medseek.eval.gap import modality_gap
+
+        out["gap_separability"] = modality_gap(v, t, folds=5).separability
+    model.train()
+    return out
+
+
+class _EvalLoss:
+    """Loss config for evaluation encoding: global embeddings only."""
+
+    w_region = 0.0
+    w_organ = 0.0
+
+
+_EVAL_LOSS = _EvalLoss()

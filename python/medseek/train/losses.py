@@ -1,0 +1,206 @@
+"""Training losses, all contrastive terms computed by :mod:`medseek.kernels`.
+
+Terms (each weighted by :class:`LossConfig`; a weight of 0 skips the term entirely):
+
+* ``global``: image/volume ↔ report. ``contrastive = "clip"`` is symmetric InfoNCE
+  (``kernels.clip_loss``); ``"siglip"`` the pairwise sigmoid loss
+  (``kernels.siglip_loss``). With ``soft_labels`` (PRIMA, seed "Pre-training with
+  Risk-integrated Image-Metadata Alignment") the CLIP targets are soft: two cases that
+  share findings are partial positives, ``t_ij = y_i·y_j / Σ_j y_i·y_j`` from the
+  manifest's multi-hot labels (the kernel's ``labels`` argument).
+* ``region``: WristMIR's region ↔ region-caption alignment. Each named bone crop
+  (``encode_image_and_regions``, its own ``region_head``) is paired with its caption
+  (``Region.text``); all pairs of the batch form one contrastive problem. Many captions
+  are word-for-word equal ("distal ulna: no fracture"). For CLIP that is harmless:
+  equal texts have equal embeddings, hence equal logits, and the InfoNCE loss and its
+  gradient are the same whether duplicates count as positives or not. For SigLIP each
+  duplicate pair would be a false negative pushed apart, so the sigmoid targets are
+  ``z_ij = +1`` when captions i and j are equal (:func:`grouped_siglip_loss`; torch, as
+  ``kernels.siglip_loss`` has no label argument; M ≤ 3·B pairs keep the matrix small).
+* ``organ``: SigVLP's chunk-wise alignment. An organ embedding is the overlap-weighted
+  mean of the projected chunk embeddings over the organ's z-range
+  (:func:`medseek.models.vit3d.organ_embedding`); it is paired with that organ's sentence
+  of the report, equal sentences handled as for regions.
+* ``gap``: the modality-gap-closing term. The modality-gap seed ("the modality gap is
+  present also in medical alignment ... we propose a modality-agnostic framework that
+  closes this gap") gives no formula in its abstract; we use the two quantities that
+  define the gap in the literature it builds on (Liang et al. 2022, "Mind the Gap";
+  Wang & Isola 2020, alignment/uniformity)::
+
+      L_gap = ‖mean_i x_i − mean_i y_i‖²  +  u · log mean_{a≠b} exp(−2‖z_a − z_b‖²)
+
+  where x are image embeddings, y text embeddings (unit vectors), and z runs over the
+  union of both sets. The first part pulls the two modality centroids together (the
+  ``centroid_distance`` of :func:`medseek.eval.gap.modality_gap`); the second
+  (weight ``gap_uniformity``, default 0) spreads the union over the sphere so closing
+  the gap cannot collapse the space. Its effect is what ``modality_gap`` measures.
+
+All functions take embeddings already L2-normalised (the projection heads do it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from medseek import kernels
+
+CONTRASTIVE = ("clip", "siglip")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    contrastive: str = "clip"  # "clip" (InfoNCE) or "siglip" (sigmoid)
+    soft_labels: bool = False  # PRIMA soft targets from multi-hot labels (clip only)
+    w_global: float = 1.0
+    w_region: float = 0.0  # WristMIR region ↔ caption
+    w_organ: float = 0.0  # SigVLP organ (chunks over z-range) ↔ organ sentence
+    w_gap: float = 0.0  # modality-gap closing
+    gap_uniformity: float = 0.0  # weight u of the uniformity part of the gap term
+
+    def __post_init__(self) -> None:
+        if self.contrastive not in CONTRASTIVE:
+            raise ValueError(f"contrastive must be one of {CONTRASTIVE}, got {self.contrastive!r}")
+        if self.soft_labels and self.contrastive != "clip":
+            raise ValueError("soft_labels needs contrastive='clip' (the sigmoid loss has no soft targets)")
+        for name in ("w_global", "w_region", "w_organ", "w_gap", "gap_uniformity"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+
+
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                     bias: torch.Tensor | None, kind: str,
+                     labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Paired contrastive loss of ``a`` (B, D) against ``b`` (B, D), row i ↔ row i.
+
+    ``scale`` (1,) is the exponentiated logit scale; ``bias`` (1,) is required for
+    ``"siglip"``; ``labels`` (B, L) multi-hot gives soft CLIP targets.
+    """
+    if kind == "clip":
+        return kernels.clip_loss(a, b, scale, labels)
+    if kind == "siglip":
+        if bias is None:
+            raise ValueError("kind='siglip' needs a logit bias; the model was built with loss='clip'")
+        if labels is not None:
+            raise ValueError("labels (soft targets) are only supported with kind='clip'")
+        return kernels.siglip_loss(a, b, scale, bias)
+    raise ValueError(f"kind must be one of {CONTRASTIVE}, got {kind!r}")
+
+
+def grouped_siglip_loss(a: torch.Tensor, b: torch.Tensor, group_ids: torch.Tensor,
+                        scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Sigmoid loss ``-Σ_ij logsigmoid(z_ij (s·a_i·b_j + bias)) / M`` with ``z_ij = +1``
+    when ``group_ids[i] == group_ids[j]`` (equal texts) else -1; with all ids distinct it
+    is ``kernels.siglip_loss``. Materialises the (M, M) logits (M is small here)."""
+    logits = scale * (a.float() @ b.float().T) + bias  # (M, M)
+    z = (group_ids[:, None] == group_ids[None, :]).to(logits.dtype) * 2 - 1
+    return -torch.nn.functional.logsigmoid(z * logits).sum() / a.shape[0]
+
+
+def grouped_pair_loss(a: torch.Tensor, b: torch.Tensor, group_ids: torch.Tensor,
+                      scale: torch.Tensor, bias: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """Contrastive loss over paired rows where equal ``group_ids`` mark equal texts.
+
+    Used for regions ↔ captions and organs ↔ sentences: ``a``, ``b`` (M, D), ``group_ids``
+    (M,) int64. CLIP: ``kernels.clip_loss`` (duplicates need no care, module doc);
+    SigLIP: :func:`grouped_siglip_loss`.
+    """
+    if a.shape != b.shape or a.dim() != 2 or group_ids.shape != (a.shape[0],):
+        raise ValueError(
+            f"a, b must be (M, D) and group_ids (M,), got {tuple(a.shape)}, {tuple(b.shape)}, "
+            f"{tuple(group_ids.shape)}"
+        )
+    if kind == "siglip":
+        if bias is None:
+            raise ValueError("kind='siglip' needs a logit bias; the model was built with loss='clip'")
+        return grouped_siglip_loss(a, b, group_ids, scale, bias)
+    return contrastive_loss(a, b, scale, bias, kind)
+
+
+def modality_gap_loss(x: torch.Tensor, y: torch.Tensor, uniformity: float = 0.0) -> torch.Tensor:
+    """``‖mean(x) − mean(y)‖² + uniformity · log mean exp(−2‖z_a − z_b‖²)`` (module doc)."""
+    gap = (x.float().mean(0) - y.float().mean(0)).pow(2).sum()
+    if uniformity > 0:
+        z = torch.cat([x, y]).float()
+        d2 = (2.0 - 2.0 * z @ z.T).clamp_min(0)  # (2B, 2B) ‖a−b‖² of unit vectors; no sqrt,
+        # so no NaN gradient where two embeddings coincide (cdist's backward at 0)
+        off = ~torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+        gap = gap + uniformity * torch.log(torch.exp(-2.0 * d2[off]).mean())
+    return gap
+
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def encode_batch(model, batch: dict, cfg: LossConfig) -> dict[str, torch.Tensor]:
+    """Run the towers the configured terms need; returns the embeddings by name.
+
+    Keys: ``visual`` (B, D), ``text`` (B, D), and, when the term is on, ``region`` /
+    ``region_text`` / ``region_group`` (M pairs) or ``organ`` / ``organ_text`` /
+    ``organ_group``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    out["text"] = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    if model.modality == "image":
+        if cfg.w_region > 0:
+            glob, regions = model.encode_image_and_regions(batch["images"], batch["boxes"])
+            valid = batch["region_valid"]  # (B, R) bool: the region has a caption
+            out["region"] = regions[valid]  # (M, D)
+            out["region_text"] = model.encode_text(batch["region_input_ids"],
+                                                   batch["region_attention_mask"])  # (M, D)
+            out["region_group"] = batch["region_group"]
+        else:
+            glob = model.encode_image(batch["images"])
+        out["visual"] = glob
+        return out
+    chunks = model.visual.encode_chunks(batch["tokens"], batch["positions"], batch["valid_mask"])
+    from medseek.models.vit3d import group_chunks, organ_embedding
+
+    grouped, mask = group_chunks(chunks, batch["chunk_counts"])
+    out["visual"] = model.visual_head(model.visual.pool_chunks(grouped, mask))
+    if cfg.w_organ > 0 and batch["organs"]:
+        chunk_embs = model.visual_head(chunks)  # (C, D): chunks share the volume space
+        starts = torch.cumsum(torch.tensor([0, *batch["chunk_counts"]]), 0).tolist()
+        organ = []
+        for b, z0, z1 in batch["organs"]:
+            s, e = starts[b], starts[b + 1]
+            organ.append(organ_embedding(chunk_embs[s:e], batch["z_start"][s:e], batch["depth"],
+                                         z0, z1, valid=batch["valid"][s:e]))
+        out["organ"] = torch.stack(organ)  # (M, D)
+        out["organ_text"] = model.encode_text(batch["organ_input_ids"], batch["organ_attention_mask"])
+        out["organ_group"] = batch["organ_group"]
+    return out
+
+
+def combine_losses(model, emb: dict[str, torch.Tensor], batch: dict, cfg: LossConfig,
+                   gather: Gather = _identity) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of the configured terms over (gathered) embeddings.
+
+    ``gather`` concatenates a tensor over data-parallel ranks (identity in one process),
+    so every rank computes the loss of the global batch.
+    """
+    scale = model.logit_scale.scale()
+    bias = model.logit_scale.bias
+    parts: dict[str, torch.Tensor] = {}
+    vis, txt = gather(emb["visual"]), gather(emb["text"])
+    if cfg.w_global > 0:
+        labels = gather(batch["labels"]) if cfg.soft_labels else None
+        parts["global"] = contrastive_loss(vis, txt, scale, bias, cfg.contrastive, labels)
+    for key, weight in (("region", cfg.w_region), ("organ", cfg.w_organ)):
+        if weight > 0 and key in emb:
+            parts[key] = grouped_pair_loss(gather(emb[key]), gather(emb[f"{key}_text"]),
+                                           gather(emb[f"{key}_group"]), scale, bias, cfg.contrastive)
+    if cfg.w_gap > 0:
+        parts["gap"] = modality_gap_loss(vis, txt, cfg.gap_uniformity)
+    weights = {"global": cfg.w_global, "region": cfg.w_region, "organ": cfg.w_organ, "gap": cfg.w_gap}
+    if not parts:
+        raise ValueError("no loss term is active: every weight is 0 or its inputs are missing")
+    total = sum(weights[k] * v for k, v in parts.items())
+    return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -1,0 +1,140 @@
+"""Loss terms: values against hand formulas, and each term's gradient reaches the right towers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medseek import kernels
+from medseek.models.factory import create_model
+from medseek.train.data import PairDataset, collate, load_tokenizer
+from medseek.train.losses import (LossConfig, combine_losses, encode_batch, grouped_pair_loss,
+                                  grouped_siglip_loss, modality_gap_loss)
+
+
+def unit(*shape, seed=0):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_gap_loss_is_squared_centroid_distance():
+    x, y = unit(6, 8, seed=1), unit(6, 8, seed=2)
+    expected = (x.mean(0) - y.mean(0)).pow(2).sum()
+    torch.testing.assert_close(modality_gap_loss(x, y), expected, rtol=0, atol=0)
+    assert modality_gap_loss(x, x) == 0
+    # uniformity: log mean exp(-2 d^2) over distinct pairs of the union, lower when spread
+    z = torch.cat([x, y])
+    d2 = torch.cdist(z, z).pow(2)
+    off = ~torch.eye(12, dtype=torch.bool)
+    uni = torch.log(torch.exp(-2 * d2[off]).mean())
+    torch.testing.assert_close(modality_gap_loss(x, y, 0.5), expected + 0.5 * uni)
+
+
+def test_grouped_siglip_matches_the_kernel_and_spares_duplicates():
+    a, b = unit(5, 8, seed=3), unit(5, 8, seed=4)
+    scale, bias = torch.tensor([10.0]), torch.tensor([-5.0])
+    distinct = torch.arange(5)
+    torch.testing.assert_close(grouped_siglip_loss(a, b, distinct, scale, bias),
+                               kernels.siglip_loss(a, b, scale, bias), rtol=1e-5, atol=1e-6)
+    b2 = b.clone()
+    b2[3] = b2[1]  # rows 1 and 3 share a caption: same text embedding
+    groups = torch.tensor([0, 1, 2, 1, 4])
+    plain = grouped_pair_loss(a, b2, distinct, scale, bias, "siglip")
+    grouped = grouped_pair_loss(a, b2, groups, scale, bias, "siglip")
+    assert abs(float(plain.detach()) - float(grouped.detach())) > 1e-3  # the duplicate is no longer a negative
+    # CLIP: duplicates change nothing, so grouping is the kernel's plain loss
+    torch.testing.assert_close(grouped_pair_loss(a, b2, groups, scale, None, "clip"),
+                               kernels.clip_loss(a, b2, scale))
+    with pytest.raises(ValueError, match="group_ids"):
+        grouped_pair_loss(a, b, groups[:2], scale, bias, "clip")
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="contrastive"):
+        LossConfig(contrastive="triplet")
+    with pytest.raises(ValueError, match="soft_labels"):
+        LossConfig(contrastive="siglip", soft_labels=True)
+    with pytest.raises(ValueError, match="w_gap"):
+        LossConfig(w_gap=-1)
+
+
+@pytest.fixture(scope="module")
+def wrist_batch(tmp_path_factory):
+    from medseek.data.synth.wrist import build_synth_wrist
+
+    out = tmp_path_factory.mktemp("synth-wrist")
+    build_synth_wrist(out, n=4, seed=0, progress=False)
+    torch.manual_seed(0)
+    model = create_model("wrist-tiny")
+    ds = PairDataset.from_manifest(out, model.cfg, "train")
+    batch = collate([ds[i] for i in range(4)], load_tokenizer(model.cfg.text.max_length), ds.text_ids)
+    return model, batch
+
+
+def grads_after(model, batch, cfg):
+    model.zero_grad(set_to_none=True)
+    emb = encode_batch(model, batch, cfg)
+    loss, parts = combine_losses(model, emb, batch, cfg)
+    loss.backward()
+    assert math.isfinite(float(loss.detach()))
+
+    def has(module):
+        return module is not None and any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+    return {name: has(getattr(model, name)) for name in ("visual", "text", "visual_head", "region_head",
+                                                          "text_head")}, parts
+
+
+def test_each_image_term_reaches_its_towers(wrist_batch):
+    model, batch = wrist_batch
+    g, parts = grads_after(model, batch, LossConfig(contrastive="siglip", w_global=1.0))
+    assert set(parts) == {"global"}
+    assert g == {"visual": True, "text": True, "visual_head": True, "region_head": False, "text_head": True}
+    g, parts = grads_after(model, batch, LossConfig(contrastive="clip", w_global=0.0, w_region=1.0))
+    assert set(parts) == {"region"}
+    assert g == {"visual": True, "text": True, "visual_head": False, "region_head": True, "text_head": True}
+    g, parts = grads_after(model, batch, LossConfig(contrastive="clip", soft_labels=True))
+    assert set(parts) == {"global"} and g["visual_head"] and not g["region_head"]
+    g, parts = grads_after(model, batch, LossConfig(w_global=0.0, w_gap=1.0))
+    assert set(parts) == {"gap"} and g["visual_head"] and g["text_head"]
+    assert not g["region_head"]
+
+
+def test_soft_labels_reach_the_kernel(wrist_batch):
+    model, _ = wrist_batch
+    emb = {"visual": unit(4, 32, seed=5), "text": unit(4, 32, seed=6)}
+    batch = {"labels": torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0]])}
+    hard, _ = combine_losses(model, emb, batch, LossConfig(contrastive="clip"))
+    soft, _ = combine_losses(model, emb, batch, LossConfig(contrastive="clip", soft_labels=True))
+    want = kernels.clip_loss(emb["visual"], emb["text"], model.logit_scale.scale(), batch["labels"])
+    torch.testing.assert_close(soft, want)
+    assert abs(float(hard.detach()) - float(soft.detach())) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def ct_batch(tmp_path_factory):
+    from medseek.data.synth.ct import build_synth_ct
+
+    out = tmp_path_factory.mktemp("synth-ct")
+    build_synth_ct(out, n=2, seed=0, matrix=(32, 40), slices=(40, 70), progress=False)
+    torch.manual_seed(0)
+    model = create_model("ct-tiny")
+    ds = PairDataset.from_manifest(out, model.cfg, None)
+    batch = collate([ds[i] for i in range(2)], load_tokenizer(model.cfg.text.max_length), ds.text_ids)
+    return model, batch
+
+
+def test_organ_term_trains_chunks_not_the_volume_pool(ct_batch):
+    model, batch = ct_batch
+    assert batch["organs"] and batch["organ_input_ids"].shape[0] == len(batch["organs"])
+
+    def pool_grad():
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.visual.pool.parameters())
+
+    g, parts = grads_after(model, batch, LossConfig(contrastive="siglip", w_global=0.0, w_organ=1.0))
+    assert set(parts) == {"organ"} and g["visual"] and g["visual_head"] and g["text"]
+    assert not pool_grad()  # organ embeddings come from chunks, never the pooled volume
+    g, parts = grads_after(model, batch, LossConfig(contrastive="siglip"))
+    assert set(parts) == {"global"} and pool_grad()
