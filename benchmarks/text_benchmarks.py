@@ -46,32 +46,11 @@ STOPWORDS = frozenset(
     "a an and are as at be been by for from has have in is it of on or the there this "
     "to was were with xxxx".split()
 )
-DROPPED_LABELS = frozenset({"no indexing"})
 
 
 def tokenize(text: str) -> list[str]:
     """BM25 tokens: lower-case alphanumeric runs without stop words."""
     return [t for t in re.findall(r"[a-z0-9]+", text.lower()) if t not in STOPWORDS]
-
-
-def label_sets(reports) -> list[frozenset[str]]:
-    return [
-        frozenset(m.split("/")[0].strip().lower() for m in r.mesh_major) - DROPPED_LABELS
-        for r in reports
-    ]
-
-
-def jaccard_relevance(labels: list[frozenset[str]]) -> np.ndarray:
-    """``(N, N)`` float64 Jaccard overlap of label sets (0 where both are empty)."""
-    vocab = sorted(set().union(*labels))
-    index = {name: i for i, name in enumerate(vocab)}
-    onehot = np.zeros((len(labels), len(vocab)), dtype=np.float64)
-    for row, names in enumerate(labels):
-        onehot[row, [index[n] for n in names]] = 1.0
-    inter = onehot @ onehot.T
-    sizes = onehot.sum(1)
-    union = sizes[:, None] + sizes[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def bm25_scores(texts: list[str], check: int = 5) -> np.ndarray:
@@ -140,17 +119,17 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--cache", type=Path, default=Path("runs/text_bench"))
     args = parser.parse_args(argv)
 
-    from medseek.data.iu import load_iu_reports
+    from medseek.data.iu import load_iu_reports, mesh_heading_matrix
     from medseek.eval.bootstrap import bootstrap_ci
-    from medseek.eval.metrics import ndcg_at_k
+    from medseek.eval.metrics import label_overlap_relevance, ndcg_at_k
     from medseek.text.concepts import report_concepts
 
     t_all = time.perf_counter()
     reports = [r for r in load_iu_reports() if r.text.strip()]
     texts = [r.text for r in reports]
-    labels = label_sets(reports)
-    relevance = jaccard_relevance(labels)
-    abnormal = np.array([lab != frozenset({"normal"}) for lab in labels])
+    _, heads = mesh_heading_matrix(reports)
+    relevance = label_overlap_relevance(heads, heads, mode="jaccard")
+    abnormal = np.array([r.mesh_headings != frozenset({"normal"}) for r in reports])
     print(f"{len(reports)} reports with text; {int(abnormal.sum())} abnormal queries")
 
     rows = []

@@ -46,3 +46,15 @@ def test_hybrid_rejects_bad_inputs():
         hybrid_embedding(t, np.ones((2, 2)))
     with pytest.raises(TypeError, match="single str"):
         report_concepts("Cardiomegaly.")
+
+
+def test_mesh_headings_and_matrix_drop_no_indexing():
+    from medseek.data.iu import IUReport, mesh_heading_matrix
+
+    a = IUReport("CXR1", "", "", "", "", ("Opacity/lung/base/left", "Cardiomegaly/mild"))
+    b = IUReport("CXR2", "", "", "", "", ("No Indexing",))
+    c = IUReport("CXR3", "", "", "", "", ("normal",))
+    assert a.mesh_headings == {"opacity", "cardiomegaly"} and b.mesh_headings == frozenset()
+    names, m = mesh_heading_matrix([a, b, c])
+    assert names == ["cardiomegaly", "normal", "opacity"]
+    assert m.tolist() == [[True, False, True], [False, False, False], [False, True, False]]

@@ -228,12 +228,11 @@ def _clip(text: str, n: int) -> str:
 
 
 def demo_eval(emb: np.ndarray, text_dim: int, reports: list) -> None:
+    from medseek.data.iu import mesh_heading_matrix
     from medseek.eval.bootstrap import bootstrap_ci
     from medseek.eval.metrics import label_overlap_relevance, ndcg_at_k
 
-    heads = sorted({m.split("/")[0].strip().lower() for r in reports for m in r.mesh_major})
-    labels = np.array([[h in {m.split("/")[0].strip().lower() for m in r.mesh_major} for h in heads]
-                       for r in reports])
+    _, labels = mesh_heading_matrix(reports)
     relevance = label_overlap_relevance(labels, labels, mode="jaccard")
     for name, vecs in (("MiniLM only", emb[:, :text_dim]), ("MiniLM + concepts", emb)):
         v = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)

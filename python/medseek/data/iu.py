@@ -45,6 +45,13 @@ class IUReport:
         return "\n".join(parts)
 
     @property
+    def mesh_headings(self) -> frozenset[str]:
+        """Lower-case first components of the human MeSH terms (``"opacity"``,
+        ``"normal"``), without ``"no indexing"``: the labels that relevance is built on."""
+        heads = {t.split("/")[0].strip().lower() for t in self.mesh_major}
+        return frozenset(heads - {"no indexing"})
+
+    @property
     def is_normal(self) -> bool:
         return tuple(t.lower() for t in self.mesh_major) == ("normal",)
 
@@ -98,6 +105,18 @@ def parse_report(xml_bytes: bytes) -> IUReport:
         mesh_automatic=tuple(t for t in automatic if t),
         image_ids=images,
     )
+
+
+def mesh_heading_matrix(reports) -> tuple[list[str], "np.ndarray"]:
+    """Multi-hot MeSH headings of reports: ``(names, (N, H) bool)``, names sorted.
+
+    The label table behind report-to-report relevance (Jaccard overlap of these rows).
+    """
+    import numpy as np
+
+    names = sorted(set().union(*(r.mesh_headings for r in reports)))
+    matrix = np.array([[h in r.mesh_headings for h in names] for r in reports], dtype=bool)
+    return names, matrix.reshape(len(reports), len(names))
 
 
 def load_iu_reports(path: str | Path | None = None) -> list[IUReport]:
