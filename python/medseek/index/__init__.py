@@ -1,11 +1,13 @@
 """ANN indexes behind one ``Index`` interface, and the SQLite store they are derived from.
 
-- ``Index`` (base.py): the contract; ``FaissIndex`` (faiss_index.py) implements it.
+- ``Index`` (base.py): the contract; ``FaissIndex`` (faiss_index.py) and ``MilvusIndex``
+  (milvus_index.py) implement it; ``make_index``/``load_index`` pick one by config
+  (``FaissConfig`` or ``MilvusConfig``, faiss_config.py).
 - ``Store`` (store.py): items, provenance and embeddings in SQLite (WAL); the truth.
 - ``Catalog`` (catalog.py): one index per collection, caught up from the store's changelog.
 
-``faiss`` is imported lazily (only ``FaissIndex``/``Catalog`` need it), so the store works
-on machines without it.
+``faiss`` and ``pymilvus`` are imported lazily (only the indexes and ``Catalog`` need them),
+so the store works on machines without them.
 """
 
 from .base import Index, exact_search
@@ -14,13 +16,15 @@ from .store import Store
 
 __all__ = [
     "COLLECTIONS", "Catalog", "CatalogConfig", "FaissConfig", "FaissIndex", "Index",
-    "IndexFileError", "ItemRecord", "Store", "StoreConfig", "StoredItem", "SyncReport",
-    "UpsertResult", "exact_search",
+    "IndexFileError", "ItemRecord", "MilvusConfig", "MilvusIndex", "Store", "StoreConfig",
+    "StoredItem", "SyncReport", "UpsertResult", "exact_search", "load_index", "make_index",
 ]
 
 _LAZY = {
     "FaissConfig": "faiss_config", "FaissIndex": "faiss_index", "IndexFileError": "faiss_config",
     "Catalog": "catalog", "CatalogConfig": "catalog", "SyncReport": "catalog",
+    "MilvusConfig": "faiss_config", "MilvusIndex": "milvus_index",
+    "make_index": "faiss_config", "load_index": "faiss_config",
 }
 
 

@@ -23,6 +23,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .faiss_config import load_index, make_index
 from .faiss_index import FaissConfig, FaissIndex, IndexFileError
 from .store import Store
 
@@ -140,7 +141,7 @@ class Catalog:
             log.info("no saved index for collection %s; building it from the store", name)
             return None, "no saved index"
         try:
-            index = FaissIndex.load(path, self._effective_config(name))
+            index = load_index(path, self._effective_config(name))
         except IndexFileError as e:
             reason = str(e)
         else:
@@ -163,7 +164,7 @@ class Catalog:
     def _build(self, name: str, dim: int) -> IndexedCollection:
         cfg = self._effective_config(name)
         upto = self.store.last_seq()
-        index = FaissIndex(dim, cfg)
+        index = make_index(dim, cfg, name)
         if cfg.kind == "ivfpq":
             # a uniform sample of train_sample rows (seeded: rebuilds are repeatable), picked
             # by position in row-key order so only the sample is kept in memory

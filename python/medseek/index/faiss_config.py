@@ -1,12 +1,26 @@
-"""Configuration of ``FaissIndex`` and the error raised for unusable saved indexes."""
+"""Configuration of the ANN backends and the error raised for unusable saved indexes.
+
+``FaissConfig`` selects one of the FAISS kinds ("flat", "ivfpq", "hnsw"); ``MilvusConfig``
+(kind "milvus") selects the Milvus backend. ``make_index`` / ``load_index`` build or load
+the index a config asks for, so a caller that holds either config needs no other switch.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .base import NORM_TOL
 
+if TYPE_CHECKING:  # annotations only: importing the backends imports faiss / pymilvus
+    from .base import Index
+
 KINDS = ("flat", "ivfpq", "hnsw")
+#: Every index kind a config can name: the FAISS kinds and Milvus.
+INDEX_KINDS = (*KINDS, "milvus")
 GPU_MODES = ("auto", "never", "always")
 # Fields that define the stored structure; the rest only steer searching.
 _STRUCTURAL = ("kind", "nlist", "m", "nbits", "hnsw_m", "ef_construction")
@@ -77,3 +91,124 @@ class FaissConfig:
     def same_structure(self, other: FaissConfig) -> bool:
         """True when an index built with ``other`` can serve this config."""
         return all(getattr(self, f) == getattr(other, f) for f in _STRUCTURAL)
+
+
+# Milvus collection names: a letter or underscore, then letters, digits, underscores
+_MILVUS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_URI_SCHEMES = ("http://", "https://", "tcp://", "unix:")
+
+
+@dataclass(frozen=True)
+class MilvusConfig:
+    """How a ``MilvusIndex`` connects, builds and searches (see ``milvus_index.py``).
+
+    Attributes
+    ----------
+    uri : str
+        A local ``.db`` path (milvus-lite, in-process; tests and single machines) or a
+        server URI (``http://host:19530``, ``https://...``, ``tcp://...``, ``unix:...``).
+    token : str
+        Server credentials (``user:password`` or an API key). Never written to disk.
+    db_name : str
+        Milvus database ("" = the server's default).
+    collection_prefix : str
+        Prepended to the medseek collection name to give the Milvus collection name, so
+        several archives can share one server.
+    index_type : str
+        Milvus vector index: "FLAT" (exact; the default), or on a server "HNSW",
+        "IVF_FLAT", "IVF_PQ", ... with their ``index_params``/``search_params``.
+    index_params, search_params : mapping
+        Build-time parameters of ``index_type`` (e.g. ``{"M": 32, "efConstruction": 200}``)
+        and per-search parameters (e.g. ``{"ef": 64}``).
+    insert_batch : int
+        Rows per upsert request.
+    search_batch : int
+        Queries per search request.
+    max_k : int
+        Largest ``k`` accepted (Milvus servers refuse a topk above 16384).
+    timeout : float or None
+        Seconds per request (None: the client's default).
+    norm_tol : float
+        Allowed ``| ||v|| - 1 |`` of vectors and queries.
+    """
+
+    uri: str = "medseek-milvus.db"
+    token: str = field(default="", repr=False)
+    db_name: str = ""
+    collection_prefix: str = "medseek_"
+    index_type: str = "FLAT"
+    index_params: Mapping = field(default_factory=dict)
+    search_params: Mapping = field(default_factory=dict)
+    insert_batch: int = 1000
+    search_batch: int = 1024
+    max_k: int = 16384
+    timeout: float | None = None
+    norm_tol: float = NORM_TOL
+
+    #: The index kind, next to FAISS's "flat" / "ivfpq" / "hnsw".
+    kind = "milvus"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.uri, str) or not self.uri:
+            raise ValueError(f"uri must be a non-empty str, got {self.uri!r}")
+        if not (self.is_local or self.uri.startswith(_URI_SCHEMES)):
+            raise ValueError(f"uri must be a local path ending in .db (milvus-lite) or start "
+                             f"with one of {_URI_SCHEMES}, got {self.uri!r}")
+        if self.collection_prefix and not _MILVUS_NAME.fullmatch(self.collection_prefix):
+            raise ValueError("collection_prefix must be letters, digits and underscores, not "
+                             f"starting with a digit, got {self.collection_prefix!r}")
+        if not isinstance(self.index_type, str) or not self.index_type:
+            raise ValueError(f"index_type must be a non-empty str, got {self.index_type!r}")
+        for name in ("insert_batch", "search_batch", "max_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"timeout must be > 0 or None, got {self.timeout!r}")
+        object.__setattr__(self, "index_params", dict(self.index_params))
+        object.__setattr__(self, "search_params", dict(self.search_params))
+
+    @property
+    def is_local(self) -> bool:
+        """True for a milvus-lite ``.db`` path (the data lives in that directory)."""
+        return self.uri.endswith(".db") and not self.uri.startswith(_URI_SCHEMES)
+
+    def milvus_collection(self, collection: str) -> str:
+        """The Milvus collection name of a medseek collection."""
+        name = f"{self.collection_prefix}{collection}"
+        if not _MILVUS_NAME.fullmatch(name):
+            raise ValueError(f"collection {collection!r} gives the Milvus name {name!r}, which "
+                             "must be letters, digits and underscores, not starting with a digit")
+        return name
+
+
+def make_index(dim: int, config: FaissConfig | MilvusConfig, collection: str = "default") -> Index:
+    """A new, empty index of the kind ``config`` names.
+
+    ``collection`` names the Milvus collection (``config.milvus_collection``); a Milvus
+    collection of that name is dropped and created afresh, as a new FAISS index starts
+    empty. FAISS ignores it.
+    """
+    if isinstance(config, MilvusConfig):
+        from .milvus_index import MilvusIndex
+
+        return MilvusIndex(dim, config, collection)
+    if isinstance(config, FaissConfig):
+        from .faiss_index import FaissIndex
+
+        return FaissIndex(dim, config)
+    raise TypeError(f"config must be a FaissConfig or MilvusConfig, got {type(config).__name__}")
+
+
+def load_index(path: str | Path, config: FaissConfig | MilvusConfig) -> Index:
+    """The index saved at ``path``, of the kind ``config`` names (``IndexFileError`` if the
+    file holds another kind, is unreadable, or its Milvus collection is gone)."""
+    if isinstance(config, MilvusConfig):
+        from .milvus_index import MilvusIndex
+
+        return MilvusIndex.load(path, config)
+    if isinstance(config, FaissConfig):
+        from .faiss_index import FaissIndex
+
+        return FaissIndex.load(path, config)
+    raise TypeError(f"config must be a FaissConfig or MilvusConfig, got {type(config).__name__}")
