@@ -97,6 +97,9 @@ def test_ingest_acknowledges_every_item_and_is_idempotent(client, ingested):
     stats = {c.name: c for c in client.stats().collections}
     assert (stats["report"].items, stats["image"].items, stats["volume"].items) == (4, 3, 2)
     assert stats["region"].items == 3 and stats["region"].indexed == 3
+    assert stats["chunk"].items == 2  # each 24-slice volume is one chunk at 4 mm
+    chunk = client.get(["vol-1/chunk/0"]).items[0]
+    assert (chunk.parent_id, chunk.z_range.z_start, chunk.z_range.z_end) == ("vol-1", 0, 23)
     assert all(c.indexed == c.items for c in stats.values())
 
 

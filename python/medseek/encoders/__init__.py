@@ -15,6 +15,7 @@ _EXPORTS = {
     "EncoderUnavailable": "base",
     "EncoderInputError": "base",
     "EncoderTimeout": "base",
+    "VolumeChunks": "base",
     "OnnxRuntimeEncoder": "onnxrt",
     "TritonEncoder": "triton_client",
     "TritonEncoderConfig": "triton_client",

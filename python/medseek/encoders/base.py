@@ -104,9 +104,38 @@ class EncoderSpec:
         return cls.from_dict(json.loads(path.read_text()))
 
 
+@dataclass(frozen=True)
+class VolumeChunks:
+    """One volume's embedding together with the embeddings of its z-chunks.
+
+    volume : (dim,) float32, unit norm: what ``encode_volumes`` returns for the volume
+    chunks : (C, dim) float32, unit rows: each chunk through the visual head alone
+    z_range : (C, 2) int64, first and last real slice (inclusive) of each chunk, counted
+        along z of the encoder's input volume (a padded last chunk ends at the last slice)
+    """
+
+    volume: np.ndarray
+    chunks: np.ndarray
+    z_range: np.ndarray
+
+    def __post_init__(self) -> None:
+        c = self.chunks.shape[0]
+        if self.chunks.ndim != 2 or self.volume.shape != self.chunks.shape[1:]:
+            raise ValueError(f"chunks must be (C, d) beside a (d,) volume, got chunks "
+                             f"{self.chunks.shape} and volume {self.volume.shape}")
+        if self.z_range.shape != (c, 2):
+            raise ValueError(f"z_range must be ({c}, 2), got {self.z_range.shape}")
+
+
 @runtime_checkable
 class Encoder(Protocol):
-    """Images, volumes and texts → ``(B, dim)`` float32, L2-normalised rows."""
+    """Images, volumes and texts → ``(B, dim)`` float32, L2-normalised rows.
+
+    Optional beyond the protocol: ``encode_volume_chunks(volumes) -> list[VolumeChunks]``
+    (the volume embeddings with their chunk embeddings, one pass); :class:`GraphEncoder`
+    backends (ONNX Runtime, Triton) and ``medseek.serve.local_encoder.LocalTorchEncoder``
+    have it.
+    """
 
     @property
     def dim(self) -> int: ...
@@ -171,7 +200,27 @@ class GraphEncoder:
         The chunks of all volumes with the same tokens per chunk (same H, W) run together
         through the chunk graph; the pool graph then pools each volume's chunk features.
         """
-        from .preprocess import group_chunks, volume_tokens
+        toks, parts = self._chunk_outputs(volumes, ["chunk_features"])
+        return self._pool_chunks(toks, [p[0] for p in parts])
+
+    def encode_volume_chunks(self, volumes) -> list[VolumeChunks]:
+        """As :meth:`encode_volumes`, with each volume's chunk embeddings and z-ranges.
+
+        One pass through the chunk graph gives both of its outputs: the chunk embeddings
+        (visual head on each chunk) and the features the pool graph turns into the volume
+        embedding, so the volume vectors equal those of :meth:`encode_volumes`.
+        """
+        from .preprocess import chunk_z_ranges
+
+        toks, parts = self._chunk_outputs(volumes, ["chunk_features", "chunk_embeddings"])
+        pooled = self._pool_chunks(toks, [p[0] for p in parts])
+        return [VolumeChunks(pooled[i], np.ascontiguousarray(p[1], dtype=np.float32),
+                             chunk_z_ranges(vt.z_start, vt.valid))
+                for i, (vt, p) in enumerate(zip(toks, parts))]
+
+    def _chunk_outputs(self, volumes, outputs: list[str]):
+        """Tokens of each volume and, per volume, the chunk graph's ``outputs`` for its chunks."""
+        from .preprocess import volume_tokens
 
         if isinstance(volumes, np.ndarray) or not isinstance(volumes, Sequence):
             raise EncoderInputError(
@@ -179,7 +228,7 @@ class GraphEncoder:
         if not volumes:
             raise EncoderInputError("volumes must hold at least one volume, got an empty list")
         toks = [volume_tokens(v, self.spec) for v in volumes]
-        feats: list[np.ndarray | None] = [None] * len(toks)
+        parts: list[list[np.ndarray] | None] = [None] * len(toks)
         by_shape: dict[tuple, list[int]] = {}
         for i, vt in enumerate(toks):
             by_shape.setdefault(vt.tokens.shape[1:], []).append(i)
@@ -187,12 +236,16 @@ class GraphEncoder:
             cat = {"tokens": np.concatenate([toks[i].tokens for i in idx]),
                    "positions": np.concatenate([toks[i].positions for i in idx]),
                    "token_mask": np.concatenate([toks[i].token_mask for i in idx])}
-            f = self._batched("chunks", cat, ["chunk_features"])[0]
+            out = self._batched("chunks", cat, outputs)
             start = 0
             for i in idx:
-                feats[i] = f[start:start + toks[i].n_chunks]
+                parts[i] = [o[start:start + toks[i].n_chunks] for o in out]
                 start += toks[i].n_chunks
-        counts = [vt.n_chunks for vt in toks]
-        grouped, mask = group_chunks(np.concatenate(feats), counts)
+        return toks, parts
+
+    def _pool_chunks(self, toks, feats: list[np.ndarray]) -> np.ndarray:
+        from .preprocess import group_chunks
+
+        grouped, mask = group_chunks(np.concatenate(feats), [vt.n_chunks for vt in toks])
         return self._batched("pool", {"chunk_features": grouped, "chunk_mask": mask},
                              ["embeddings"])[0]

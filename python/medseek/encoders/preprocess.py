@@ -71,12 +71,15 @@ def tokenize(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 class VolumeTokens:
     """Chunk tokens of one volume: tokens (C, N, P) float32, positions (C, N, 3) int32,
-    token_mask (C, N) bool (True where a patch holds at least one real slice)."""
+    token_mask (C, N) bool (True where a patch holds at least one real slice); z_start and
+    valid (C,) int32 (first slice, real slices) of each chunk, when known."""
 
-    __slots__ = ("tokens", "positions", "token_mask")
+    __slots__ = ("tokens", "positions", "token_mask", "z_start", "valid")
 
-    def __init__(self, tokens: np.ndarray, positions: np.ndarray, token_mask: np.ndarray):
+    def __init__(self, tokens: np.ndarray, positions: np.ndarray, token_mask: np.ndarray,
+                 z_start: np.ndarray | None = None, valid: np.ndarray | None = None):
         self.tokens, self.positions, self.token_mask = tokens, positions, token_mask
+        self.z_start, self.valid = z_start, valid
 
     @property
     def n_chunks(self) -> int:
@@ -106,7 +109,13 @@ def volume_tokens(vol, spec: EncoderSpec) -> VolumeTokens:
     # a patch is real when its first slice lies before the chunk's last real slice
     first_slice = positions[..., 0].astype(np.int64) * pz  # (C, N)
     mask = first_slice < (z_start.astype(np.int64) + valid)[:, None]
-    return VolumeTokens(tokens, positions, mask)
+    return VolumeTokens(tokens, positions, mask, z_start, valid)
+
+
+def chunk_z_ranges(z_start: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``(C, 2)`` int64 first and last real slice (inclusive) of each chunk."""
+    z0 = np.asarray(z_start, dtype=np.int64)
+    return np.stack([z0, z0 + np.asarray(valid, dtype=np.int64) - 1], axis=1)
 
 
 def group_chunks(features: np.ndarray, counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -16,9 +16,10 @@ import time
 
 import numpy as np
 
-from .base import EncoderInputError, EncoderSpec
+from .base import EncoderInputError, EncoderSpec, VolumeChunks
 from .onnxrt import MODEL_NAMES
-from .preprocess import batches, check_images, check_texts, group_chunks, volume_tokens
+from .preprocess import (batches, check_images, check_texts, chunk_z_ranges, group_chunks,
+                         volume_tokens)
 from .triton_client import CHANNEL_ARGS, TritonEncoderConfig, make_request, retry_delay_or_raise
 
 
@@ -75,15 +76,29 @@ class AsyncTritonEncoder:
     async def encode_volumes(self, volumes) -> np.ndarray:
         """As :meth:`medseek.encoders.base.GraphEncoder.encode_volumes`: chunk graph on every
         volume's chunks (concurrently), then the pool graph."""
+        toks, feats = await self._chunk_outputs(volumes, ["chunk_features"])
+        return await self._pool_chunks(toks, [f[0] for f in feats])
+
+    async def encode_volume_chunks(self, volumes) -> list[VolumeChunks]:
+        """As :meth:`medseek.encoders.base.GraphEncoder.encode_volume_chunks`."""
+        toks, feats = await self._chunk_outputs(volumes, ["chunk_features", "chunk_embeddings"])
+        pooled = await self._pool_chunks(toks, [f[0] for f in feats])
+        return [VolumeChunks(pooled[i], np.ascontiguousarray(f[1], dtype=np.float32),
+                             chunk_z_ranges(vt.z_start, vt.valid))
+                for i, (vt, f) in enumerate(zip(toks, feats))]
+
+    async def _chunk_outputs(self, volumes, outputs: list[str]):
         if isinstance(volumes, np.ndarray) or not isinstance(volumes, (list, tuple)) or not volumes:
             raise EncoderInputError("volumes must be a non-empty list of (D, H, W) arrays")
         toks = [volume_tokens(v, self.spec) for v in volumes]
         feats = await asyncio.gather(*(
             self._batched("chunks", {"tokens": vt.tokens, "positions": vt.positions,
-                                     "token_mask": vt.token_mask}, ["chunk_features"])
+                                     "token_mask": vt.token_mask}, outputs)
             for vt in toks))
-        grouped, mask = group_chunks(np.concatenate([f[0] for f in feats]),
-                                     [vt.n_chunks for vt in toks])
+        return toks, feats
+
+    async def _pool_chunks(self, toks, feats: list[np.ndarray]) -> np.ndarray:
+        grouped, mask = group_chunks(np.concatenate(feats), [vt.n_chunks for vt in toks])
         return (await self._batched("pool", {"chunk_features": grouped, "chunk_mask": mask},
                                     ["embeddings"]))[0]
 

@@ -280,6 +280,13 @@ class Store:
             return self._con.execute(
                 "SELECT count(*) FROM items WHERE collection = ?", (collection,)).fetchone()[0]
 
+    def has_labels(self, collection: str) -> bool:
+        """Whether any live item of ``collection`` carries at least one label."""
+        with self._lock:
+            return bool(self._con.execute(
+                "SELECT EXISTS (SELECT 1 FROM items WHERE collection = ? AND labels != '[]')",
+                (collection,)).fetchone()[0])
+
     def iter_embeddings(
         self, collection: str, since_seq: int | None = None, until_seq: int | None = None,
         batch_size: int = 4096,
@@ -301,20 +308,30 @@ class Store:
         dim = self.collections().get(collection)
         if dim is None:
             return
-        after = -1
-        while True:
-            with self._lock:
+        # The matching row keys first (one read through the (collection, seq) index), then
+        # the vectors page by page by explicit key. Paging with "row_key > last" against
+        # that index instead re-reads and sorts the whole window for every page: quadratic,
+        # half an hour for a 1M-item build.
+        with self._lock:
+            candidates = np.fromiter(
+                (r[0] for r in self._con.execute(
+                    "SELECT row_key FROM items WHERE collection = ? AND seq > ? AND seq <= ?",
+                    (collection, since, until))), dtype=np.int64)
+        candidates.sort()
+        for start in range(0, len(candidates), batch_size):
+            page = json.dumps(candidates[start:start + batch_size].tolist())
+            with self._lock:  # seq re-checked: a row rewritten since is left to the next catch-up
                 rows = self._con.execute(
                     "SELECT i.row_key, e.vector FROM items i JOIN embeddings e "
-                    "ON e.row_key = i.row_key AND e.model = ? WHERE i.collection = ? "
-                    "AND i.seq > ? AND i.seq <= ? AND i.row_key > ? ORDER BY i.row_key LIMIT ?",
-                    (self.config.model, collection, since, until, after, batch_size)).fetchall()
+                    "ON e.row_key = i.row_key AND e.model = ? "
+                    "WHERE i.row_key IN (SELECT value FROM json_each(?)) AND i.collection = ? "
+                    "AND i.seq > ? AND i.seq <= ? ORDER BY i.row_key",
+                    (self.config.model, page, collection, since, until)).fetchall()
             if not rows:
-                return
+                continue
             keys = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
             vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4")
             yield keys, vectors.astype(np.float32).reshape(len(rows), dim)
-            after = int(keys[-1])
 
     def removed_row_keys(self, collection: str, since_seq: int, until_seq: int) -> np.ndarray:
         """Row keys an index of ``collection`` must drop after the writes in ``(since, until]``.

@@ -14,7 +14,7 @@ from medseek.eval.classification import knn_label_vote
 
 from ._checks import as_float_array
 
-__all__ = ["diagnose"]
+__all__ = ["diagnose", "vote_weights"]
 
 
 def diagnose(
@@ -70,3 +70,21 @@ def diagnose(
         return {}
     probs = knn_label_vote(s[None, :], matrix, k, weighted=weighted, temperature=temperature)[0]
     return {name: float(p) for name, p in zip(names, probs)}
+
+
+def vote_weights(neighbour_scores: np.ndarray, k: int, weighted: bool = False, *,
+                 temperature: float = 0.1) -> np.ndarray:
+    """The weight each neighbour's vote carries in :func:`diagnose` (same arguments).
+
+    Each neighbour is voted as a label of its own (an identity label matrix), so these are
+    exactly the weights ``knn_label_vote`` applies: ``softmax(score / temperature)`` over the
+    top ``k`` (``weighted``), else ``1/k``; zero outside the top ``k`` and for ``-inf``.
+
+    Returns
+    -------
+    np.ndarray, float64, shape (K,)
+        Sums to 1 (NaN everywhere if every neighbour is excluded).
+    """
+    s = as_float_array("neighbour_scores", np.asarray(neighbour_scores, dtype=np.float64), 1)
+    own = np.eye(s.shape[0], dtype=bool)  # (K, K): neighbour j carries only label j
+    return knn_label_vote(s[None, :], own, k, weighted=weighted, temperature=temperature)[0]

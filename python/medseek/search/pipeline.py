@@ -18,8 +18,13 @@ embeddings; the truth):
 5. *diversify*: greedy MMR with provenance caps and near-duplicate removal.
 6. *explain*: shared concepts of query and hit, with a ``ConceptBank``.
 
-Per-stage wall times (seconds) come back in ``SearchResult.timings``; the filter and ANN
-stages of a batch of queries run once, and each result reports the batch's time for them.
+A batch of queries runs in two steps, which a server may put on different threads:
+``ann`` (filter + ANN, once for the batch, under the index's lock) and ``finish`` (the
+rest, with ONE store read per batch for the candidates, one for their region children and
+one for the hits' records). ``search`` is ``ann`` then ``finish``.
+
+Per-stage wall times (seconds) come back in ``SearchResult.timings``; the filter, ANN and
+store-read stages of a batch run once, and each result reports the batch's time for them.
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ if TYPE_CHECKING:  # annotations only: importing the catalog imports faiss
     from medseek.index.catalog import Catalog
     from medseek.index.store import Store
 
-__all__ = ["Hit", "RegionQuery", "SearchConfig", "SearchFilters", "SearchPipeline",
-           "SearchResult"]
+__all__ = ["AnnBatch", "Hit", "RegionQuery", "SearchConfig", "SearchFilters",
+           "SearchPipeline", "SearchResult"]
 
 STAGES = ("filter", "ann", "fetch", "rerank", "diversify", "explain", "total")
 
@@ -111,6 +116,31 @@ class SearchResult:
     stale: int = 0
 
 
+@dataclass(frozen=True)
+class AnnBatch:
+    """What ``SearchPipeline.ann`` found for a batch of queries, for ``finish``.
+
+    Attributes
+    ----------
+    collection : str
+    queries : np.ndarray, float32, shape (q, d)
+    k : int
+        Hits wanted per query.
+    scores : np.ndarray, float32, shape (q, K')
+    keys : np.ndarray, int64, shape (q, K')
+        Row keys, -1 where the index had fewer than K'.
+    timings : dict of str to float
+        "filter" and "ann" seconds of the batch.
+    """
+
+    collection: str
+    queries: np.ndarray = field(repr=False)
+    k: int
+    scores: np.ndarray = field(repr=False)
+    keys: np.ndarray = field(repr=False)
+    timings: dict[str, float]
+
+
 class SearchPipeline:
     """The query pipeline over a catalog and its store (module docstring).
 
@@ -166,15 +196,23 @@ class SearchPipeline:
         -------
         SearchResult for a (d,) query, list of SearchResult for (q, d).
         """
-        t_start = time.perf_counter()
         single = isinstance(query_emb, np.ndarray) and query_emb.ndim == 1
         queries = np.ascontiguousarray(query_emb[None, :] if single else query_emb)
         k = self.config.k if k is None else check_count("k", k)
-        k_prime = max(self.config.k_prime, k)
         if region is not None and region.embedding.ndim == 2 and (
                 single or region.embedding.shape[0] != queries.shape[0]):
             raise ValueError(f"region.embedding must have one row per query ({queries.shape[0]}), "
                              f"got shape {region.embedding.shape}")
+        results = self.finish(self.ann(collection, queries, k, filters), region, diversify,
+                              explain)
+        return results[0] if single else results
+
+    def ann(self, collection: str, queries: np.ndarray, k: int | None = None,
+            filters: SearchFilters | None = None) -> AnnBatch:
+        """The filter and ANN stages of ``search`` for a (q, d) batch: top-K' row keys."""
+        queries = np.ascontiguousarray(queries)
+        k = self.config.k if k is None else check_count("k", k)
+        k_prime = max(self.config.k_prime, k)
         filters = filters or SearchFilters()
         t = time.perf_counter()
         allowed = None if filters.is_empty() else self.store.filter_row_keys(
@@ -183,44 +221,102 @@ class SearchPipeline:
         t = time.perf_counter()
         scores, keys = self.catalog.search(collection, queries, k_prime, allowed)  # (q, K')
         t_ann = time.perf_counter() - t
-        shared = time.perf_counter() - t_start
-        results = []
-        for qi in range(queries.shape[0]):
-            t0 = time.perf_counter()
+        return AnnBatch(collection, queries, k, scores, keys,
+                        {"filter": t_filter, "ann": t_ann})
+
+    def finish(self, batch: AnnBatch, region: RegionQuery | None = None,
+               diversify: bool = True, explain: bool = True) -> list[SearchResult]:
+        """The stages after the ANN for every query of ``batch`` (see ``search``)."""
+        t_start = time.perf_counter()
+        collection, queries, k = batch.collection, batch.queries, batch.k
+        n_q = queries.shape[0]
+        if region is not None and region.embedding.ndim == 2 and region.embedding.shape[0] != n_q:
+            raise ValueError(f"region.embedding must have one row per query ({n_q}), "
+                             f"got shape {region.embedding.shape}")
+        timings = [dict.fromkeys(STAGES, 0.0) for _ in range(n_q)]
+        # fetch: one read for the candidates of every query
+        t = time.perf_counter()
+        valid = batch.keys >= 0
+        cands = self.reader.candidates(np.unique(batch.keys[valid]))  # sorted by row key
+        per_query = [self._query_candidates(cands, collection, batch.keys[qi][valid[qi]],
+                                            batch.scores[qi][valid[qi]])
+                     for qi in range(n_q)]
+        shared_fetch = time.perf_counter() - t
+        # rerank: one read for the region (and chunk) children of every live candidate
+        t = time.perf_counter()
+        regions = chunks = None
+        if region is not None:
+            parents = list(dict.fromkeys(i for c in per_query if c is not None for i in c[0]))
+            regions = self.reader.children(parents, self.config.region_collection, region.name)
+            with_z = [pid for pid, rows in regions.items()
+                      if any(r.z_range is not None for r in rows)]
+            chunks = self.reader.children(with_z, self.config.chunk_collection) if with_z else {}
+        shared_rerank = time.perf_counter() - t
+        ranked = []
+        for qi in range(n_q):
             region_vec = None
             if region is not None:
                 e = region.embedding
                 region_vec = e if e.ndim == 1 else e[qi]
-            res = self._one(collection, queries[qi], scores[qi], keys[qi], k, region, region_vec,
-                            diversify, explain)
-            res.timings.update(filter=t_filter, ann=t_ann,
-                               total=shared + time.perf_counter() - t0)
-            results.append(res)
-        return results[0] if single else results
+            ranked.append(self._rank(per_query[qi], queries[qi], k, region, region_vec,
+                                     regions, chunks, diversify, explain, timings[qi]))
+        # the hits' full records: one read for the batch
+        t = time.perf_counter()
+        wanted = [r[1] for r in ranked if r is not None]
+        keys = np.concatenate(wanted) if wanted else np.empty(0, np.int64)
+        found = self.reader.items(np.unique(keys))
+        records = {it.row_key: it for it in found if it is not None}
+        shared_fetch += time.perf_counter() - t
+        results = []
+        for qi in range(n_q):
+            tm = timings[qi]
+            tm.update(batch.timings)
+            tm["fetch"] += shared_fetch
+            tm["rerank"] += shared_rerank if region is not None else 0.0
+            tm["total"] = batch.timings["filter"] + batch.timings["ann"] + (
+                time.perf_counter() - t_start)
+            if per_query[qi] is None:  # no live candidate: every valid key was stale
+                results.append(SearchResult([], tm, 0, stale=int(valid[qi].sum())))
+                continue
+            results.append(self._hits(per_query[qi], ranked[qi], region, records, tm))
+        return results
 
     # -- one query, after the ANN stage ----------------------------------------------------
-    def _one(self, collection, query, scores, keys, k, region, region_vec, diversify, explain):
-        timings = dict.fromkeys(STAGES, 0.0)
-        t = time.perf_counter()
-        valid = keys >= 0
-        cands = self.reader.candidates(keys[valid])
-        live = np.array([c == collection for c in cands.collections], dtype=bool)
-        stale = int(valid.sum()) - int(live.sum())
-        timings["fetch"] = time.perf_counter() - t
+    @staticmethod
+    def _query_candidates(cands, collection, keys, scores):
+        """One query's live candidates out of the batch's read, in the ANN's order:
+        (ids, prov, row_keys, embs, global_scores, stale), or None when none is live."""
+        found = cands.row_keys
+        at = np.searchsorted(found, keys)
+        hit = at < found.size
+        hit[hit] = found[at[hit]] == keys[hit]
+        rows = at[hit]  # rows of cands, in the ANN's order
+        live = np.fromiter((cands.collections[r] == collection for r in rows.tolist()),
+                           dtype=bool, count=rows.size)
+        stale = int(keys.size) - int(live.sum())
         if not live.any():
-            return SearchResult([], timings, 0, stale=stale)
-        global_scores = scores[valid][cands.positions[live]].astype(np.float64)  # (K',)
-        ids = [i for i, ok in zip(cands.ids, live) if ok]
-        prov = {key: [v for v, ok in zip(values, live) if ok]
-                for key, values in cands.provenance.items()}
-        row_keys, embs = cands.row_keys[live], cands.embeddings[live]  # (K',), (K', d)
+            return None
+        rows = rows[live]
+        rl = rows.tolist()
+        ids = [cands.ids[r] for r in rl]
+        prov = {key: [values[r] for r in rl] for key, values in cands.provenance.items()}
+        global_scores = scores[np.flatnonzero(hit)[live]].astype(np.float64)  # (K',)
+        return ids, prov, cands.row_keys[rows], cands.embeddings[rows], global_scores, stale
 
+    def _rank(self, c, query, k, region, region_vec, regions, chunks, diversify, explain,
+              timings):
+        """Rerank, diversify, explain one query's candidates: (picks, their row keys,
+        ranked, region_sims, region_ids, relaxed, explanations, skipped), or None."""
+        if c is None:
+            return None
+        ids, prov, row_keys, embs, global_scores, _ = c
         t = time.perf_counter()
         ranked = global_scores
         region_sims = np.full(len(ids), np.nan)
         region_ids: list[str | None] = [None] * len(ids)
         if region is not None:
-            region_embs, region_ids = self._region_embeddings(ids, region.name, region_vec)
+            region_embs, region_ids = self._region_embeddings(ids, region.name, region_vec,
+                                                              regions, chunks)
             region_sims = region_similarity(region_vec, region_embs)
             ranked = mix_region_scores(region_sims, global_scores, self.config.rerank_alpha,
                                        self.config.missing_region_penalty)
@@ -249,11 +345,16 @@ class SearchPipeline:
                                         self.concepts.scores(embs[picks]),
                                         self.concepts.names, self.config.explain_top)
         timings["explain"] = time.perf_counter() - t
+        return (picks, row_keys[picks], ranked, region_sims, region_ids, relaxed,
+                explanations, skipped)
 
-        t = time.perf_counter()
-        records = self.reader.items(row_keys[picks])  # full records for the hits only
+    @staticmethod
+    def _hits(c, r, region, records, timings) -> SearchResult:
+        ids, _, row_keys, _, global_scores, stale = c
+        picks, _, ranked, region_sims, region_ids, relaxed, explanations, skipped = r
         hits = []
-        for n, (i, stored) in enumerate(zip(picks, records)):
+        for n, i in enumerate(picks):
+            stored = records.get(int(row_keys[i]))
             if stored is None:  # deleted between the two reads
                 stale += 1
                 continue
@@ -265,16 +366,13 @@ class SearchPipeline:
                 record=stored.record,
                 matched_region=region.name if region is not None and has_region else None,
                 region_id=region_ids[i], explanation=explanations[n], relaxed=bool(relaxed[n])))
-        timings["fetch"] += time.perf_counter() - t
         return SearchResult(hits, timings, len(ids), skipped, stale)
 
     def _region_embeddings(
-        self, ids: list[str], name: str, query: np.ndarray
+        self, ids: list[str], name: str, query: np.ndarray, regions: dict, chunks: dict
     ) -> tuple[np.ndarray, list[str | None]]:
-        """Best-matching region embedding of each candidate (NaN row if it has none)."""
-        regions = self.reader.children(ids, self.config.region_collection, name)
-        with_z = [pid for pid, rows in regions.items() if any(r.z_range is not None for r in rows)]
-        chunks = self.reader.children(with_z, self.config.chunk_collection) if with_z else {}
+        """Best-matching region embedding of each candidate (NaN row if it has none);
+        ``regions``/``chunks``: parent id -> its region/chunk children (read for the batch)."""
         d = query.shape[0]
         owners, vecs, child_ids = [], [], []
         for i, pid in enumerate(ids):

@@ -10,6 +10,9 @@ connection and lock are not touched. In WAL mode a reader sees the last committe
 and never blocks the writer, so an acknowledged delete is visible here at once: a row key
 the index still holds but the store no longer does comes back as None, and the pipeline
 drops it.
+
+Each thread that reads gets its own read-only connection (opened on its first read), so
+the server's search threads read concurrently; SQLite releases the GIL while it steps.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medseek.index.records import ITEM_COLUMNS, StoredItem, record_from_row
+from medseek.index.records import ITEM_COLUMNS, StoredItem, record_from_row, str_list
 
 if TYPE_CHECKING:
     from medseek.index.store import Store
@@ -86,14 +89,37 @@ class StoreReader:
 
     def __init__(self, store: Store) -> None:
         self.model = store.config.model
-        uri = f"{store.config.path.resolve().as_uri()}?mode=ro"
-        self._con = sqlite3.connect(uri, uri=True, check_same_thread=False,
-                                    timeout=store.config.busy_timeout_s)
-        self._lock = threading.Lock()
+        self._uri = f"{store.config.path.resolve().as_uri()}?mode=ro"
+        self._timeout = store.config.busy_timeout_s
+        self._local = threading.local()
+        self._cons: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()  # guards _cons and _closed, not the reads
+        self._closed = False
+        self._con_here()  # fail now, not on the first search, if the file cannot be opened
+
+    def _con_here(self) -> sqlite3.Connection:
+        """This thread's read-only connection (opened on its first use)."""
+        con = getattr(self._local, "con", None)
+        if con is None:
+            with self._lock:
+                if self._closed:
+                    raise sqlite3.ProgrammingError("Cannot operate on a closed StoreReader.")
+                con = sqlite3.connect(self._uri, uri=True, check_same_thread=False,
+                                      timeout=self._timeout)
+                self._cons.append(con)
+            self._local.con = con
+        return con
+
+    def _execute(self, sql: str, args: tuple) -> list[tuple]:
+        return self._con_here().execute(sql, args).fetchall()
 
     def close(self) -> None:
+        """Close every thread's connection; reads afterwards raise ProgrammingError."""
         with self._lock:
-            self._con.close()
+            self._closed = True
+            for con in self._cons:
+                con.close()
+            self._cons.clear()
 
     def __enter__(self) -> StoreReader:
         return self
@@ -106,9 +132,7 @@ class StoreReader:
                   "AND e.model = ?)") if with_embeddings else "NULL"
         sql = (f"SELECT {ITEM_COLUMNS}, row_key, seq, created_at, updated_at, {vector} "
                f"FROM items WHERE {where}")
-        with self._lock:
-            rows = self._con.execute(sql, ((self.model,) if with_embeddings else ()) + args
-                                     ).fetchall()
+        rows = self._execute(sql, ((self.model,) if with_embeddings else ()) + args)
         n = _N_ITEM_COLUMNS
         out = []
         for row in rows:
@@ -139,6 +163,14 @@ class StoreReader:
         by_key = {it.row_key: it for it in found}
         return [by_key.get(int(k)) for k in keys]
 
+    def by_ids(self, ids: Sequence[str], *, with_embeddings: bool = False
+               ) -> dict[str, StoredItem]:
+        """Items by client id, as ``Store.get`` reads them; unknown ids are absent."""
+        ids = str_list("ids", ids) or []
+        found = self._items("item_id IN (SELECT value FROM json_each(?))",
+                            (json.dumps(ids),), with_embeddings)
+        return {it.record.id: it for it in found}
+
     def candidates(self, row_keys: np.ndarray) -> Candidates:
         """What ranking needs of ANN candidates, without building full records.
 
@@ -152,26 +184,26 @@ class StoreReader:
             The live ones that hold an embedding of the store's model, in the given order.
         """
         keys = _check_keys(row_keys)
-        with self._lock:
-            rows = self._con.execute(
-                "SELECT i.row_key, i.item_id, i.collection, i.patient_pseudonym, "
-                "i.study_pseudonym, i.source_document, e.vector FROM items i "
-                "JOIN embeddings e ON e.row_key = i.row_key AND e.model = ? "
-                "WHERE i.row_key IN (SELECT value FROM json_each(?))",
-                (self.model, json.dumps(keys.tolist()))).fetchall()
+        rows = self._execute(
+            "SELECT i.row_key, i.item_id, i.collection, i.patient_pseudonym, "
+            "i.study_pseudonym, i.source_document, e.vector FROM items i "
+            "JOIN embeddings e ON e.row_key = i.row_key AND e.model = ? "
+            "WHERE i.row_key IN (SELECT value FROM json_each(?))",
+            (self.model, json.dumps(keys.tolist())))
         by_key = {r[0]: r for r in rows}
         found = [(pos, by_key[k]) for pos, k in enumerate(keys.tolist()) if k in by_key]
         dims = {len(r[6]) for _, r in found}
         if len(dims) > 1:
             raise ValueError(f"row_keys mix embeddings of several dims {sorted(dims)}")
         d = dims.pop() // 4 if dims else 0
-        embs = np.frombuffer(b"".join(r[6] for _, r in found), dtype="<f4")
+        cols = list(zip(*(r for _, r in found))) if found else [()] * 7
+        embs = np.frombuffer(b"".join(cols[6]), dtype="<f4")
         return Candidates(
-            row_keys=np.array([r[0] for _, r in found], dtype=np.int64),
+            row_keys=np.array(cols[0], dtype=np.int64),
             positions=np.array([pos for pos, _ in found], dtype=np.int64),
-            ids=[r[1] for _, r in found], collections=[r[2] for _, r in found],
-            provenance={"patient": [r[3] for _, r in found], "study": [r[4] for _, r in found],
-                        "document": [r[5] for _, r in found]},
+            ids=list(cols[1]), collections=list(cols[2]),
+            provenance={"patient": list(cols[3]), "study": list(cols[4]),
+                        "document": list(cols[5])},
             embeddings=embs.astype(np.float32).reshape(len(found), d))
 
     def children(
@@ -202,11 +234,10 @@ class StoreReader:
         if region is not None:
             where += " AND i.region = ?"
             args += (region,)
-        with self._lock:
-            rows = self._con.execute(
-                "SELECT i.item_id, i.parent_id, i.region, i.z_start, i.z_end, e.vector "
-                "FROM items i LEFT JOIN embeddings e ON e.row_key = i.row_key AND e.model = ? "
-                f"WHERE {where} ORDER BY i.row_key", args).fetchall()
+        rows = self._execute(
+            "SELECT i.item_id, i.parent_id, i.region, i.z_start, i.z_end, e.vector "
+            "FROM items i LEFT JOIN embeddings e ON e.row_key = i.row_key AND e.model = ? "
+            f"WHERE {where} ORDER BY i.row_key", args)
         out: dict[str, list[ChildRow]] = {}
         for item_id, parent, name, z0, z1, blob in rows:
             emb = None if blob is None else np.frombuffer(blob, dtype="<f4").astype(np.float32)

@@ -3,7 +3,11 @@
 Concurrent requests ``submit(key, payload)``; one worker task takes the oldest request,
 waits up to ``max_wait_ms`` for up to ``max_batch - 1`` more with the same ``key`` (the
 same kind of work, e.g. "text" encodes, or searches sharing collection/k/filters), and runs
-``run_batch(key, payloads) -> results`` once in a single worker thread. A request whose
+``run_batch(key, payloads) -> results`` once in a single worker thread. With a ``finish``
+step the batch runs in two: ``run_batch`` (e.g. the ANN search, on the index thread) hands
+its output to ``finish(key, payloads, output) -> results`` on another pool (e.g. store
+reads and ranking, on reader threads), and the worker forms the next batch as soon as
+``run_batch`` returns; at most ``max_finishing`` batches are between the two. A request whose
 caller went away (its deadline passed, the client cancelled) is dropped before the batch
 runs, so expired work costs nothing. More than ``max_queue`` waiting requests make
 ``submit`` raise ``QueueFull`` at once: the servicer answers RESOURCE_EXHAUSTED instead of
@@ -41,14 +45,34 @@ class MicroBatcher:
     executor : ThreadPoolExecutor
     on_batch : callable, optional
         ``on_batch(name, size, seconds)`` after each batch (metrics).
+    finish : callable, optional
+        ``finish(key, payloads, output) -> results``: the second step (module docstring);
+        runs in ``finish_executor``. Without it ``run_batch`` returns the results.
+    finish_executor : ThreadPoolExecutor, optional
+        Required with ``finish``.
+    max_finishing : int
+        Most batches handed to ``finish`` and not yet done; the worker waits for one to
+        end before starting another ``run_batch`` past that (back-pressure).
     """
 
-    def __init__(self, name: str, run_batch: Callable[[Hashable, list], Sequence[Any]],
+    def __init__(self, name: str, run_batch: Callable[[Hashable, list], Any],
                  config: BatchConfig, executor: ThreadPoolExecutor,
-                 on_batch: Callable[[str, int, float], None] | None = None) -> None:
+                 on_batch: Callable[[str, int, float], None] | None = None, *,
+                 finish: Callable[[Hashable, list, Any], Sequence[Any]] | None = None,
+                 finish_executor: ThreadPoolExecutor | None = None,
+                 max_finishing: int = 2) -> None:
+        if (finish is None) != (finish_executor is None):
+            raise ValueError("finish and finish_executor must be given together")
+        if max_finishing < 1:
+            raise ValueError(f"max_finishing must be >= 1, got {max_finishing}")
         self.name, self.run_batch, self.config = name, run_batch, config
         self.executor, self.on_batch = executor, on_batch
+        self.finish, self.finish_executor = finish, finish_executor
+        self._finishing = asyncio.Semaphore(max_finishing)
+        self._finish_tasks: set[asyncio.Task] = set()
         self._pending: collections.deque = collections.deque()
+        self._recent: collections.deque = collections.deque(maxlen=8)  # last batch sizes
+        self._last_run_s = 0.0  # how long the last run_batch took
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -81,6 +105,8 @@ class MicroBatcher:
         if self._task is not None:
             await self._task
             self._task = None
+        while self._finish_tasks:
+            await asyncio.gather(*self._finish_tasks)
 
     async def _worker(self) -> None:
         while True:
@@ -89,13 +115,23 @@ class MicroBatcher:
                     return
                 self._wake.clear()
                 await self._wake.wait()
+            if self.finish is not None:  # a finishing slot first: the batch grows meanwhile
+                await self._finishing.acquire()
             key = self._pending[0][0]
-            deadline = time.monotonic() + self.config.max_wait_ms / 1000.0
-            while (sum(1 for k, _, _ in self._pending if k == key) < self.config.max_batch
-                   and time.monotonic() < deadline and not self._closed):
+            now = time.monotonic()
+            deadline = now + self.config.max_wait_ms / 1000.0
+            # a batch smaller than the recent ones may wait longer: its company is likely
+            # on the way (e.g. the callers of the batch that has just been answered)
+            linger = max(deadline, now + self.config.linger * self._last_run_s)
+            expected = max(self._recent, default=1)
+            while not self._closed:
+                n = sum(1 for k, _, _ in self._pending if k == key)
+                until = deadline if n >= expected else linger
+                if n >= self.config.max_batch or time.monotonic() >= until:
+                    break
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), deadline - time.monotonic())
+                    await asyncio.wait_for(self._wake.wait(), until - time.monotonic())
                 except asyncio.TimeoutError:
                     break
             batch, rest = [], collections.deque()
@@ -109,18 +145,45 @@ class MicroBatcher:
             live = [(p, f) for _, p, f in batch if not f.done()]  # cancelled: caller gone
             if live:
                 await self._run(key, live)
+            elif self.finish is not None:
+                self._finishing.release()
 
     async def _run(self, key: Hashable, live: list) -> None:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
+        payloads = [p for p, _ in live]  # with finish: holds a slot, released once finished
+        self._recent.append(len(live))
         try:
-            results = await loop.run_in_executor(
-                self.executor, self.run_batch, key, [p for p, _ in live])
-            if len(results) != len(live):
-                raise RuntimeError(f"{self.name} batch returned {len(results)} results "
-                                   f"for {len(live)} requests")
+            output = await loop.run_in_executor(self.executor, self.run_batch, key, payloads)
+            self._last_run_s = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
+            if self.finish is not None:
+                self._finishing.release()
+            self._deliver(live, [exc] * len(live), t0)
+            return
+        if self.finish is None:
+            self._deliver(live, output, t0)
+            return
+        task = loop.create_task(self._finish(key, live, payloads, output, t0))
+        self._finish_tasks.add(task)
+        task.add_done_callback(self._finish_tasks.discard)
+
+    async def _finish(self, key: Hashable, live: list, payloads: list, output: Any,
+                      t0: float) -> None:
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.finish_executor, self.finish, key, payloads, output)
         except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
             results = [exc] * len(live)
+        finally:
+            self._finishing.release()
+        self._deliver(live, results, t0)
+
+    def _deliver(self, live: list, results: Sequence[Any], t0: float) -> None:
+        n = len(results) if hasattr(results, "__len__") else None
+        if n != len(live):
+            results = [RuntimeError(f"{self.name} batch returned {n} results for "
+                                    f"{len(live)} requests")] * len(live)
         for (_, fut), res in zip(live, results):
             if fut.done():
                 continue

@@ -66,5 +66,9 @@ class RetrievalClient:
         return self.stub.Get(pb.GetRequest(ids=ids, with_embedding=with_embedding),
                              timeout=timeout, metadata=self.metadata)
 
+    def diagnose(self, request: pb.DiagnoseRequest, timeout: float | None = 30.0
+                 ) -> pb.DiagnoseResponse:
+        return self.stub.Diagnose(request, timeout=timeout, metadata=self.metadata)
+
     def stats(self, timeout: float | None = 30.0) -> pb.StatsResponse:
         return self.stub.Stats(pb.StatsRequest(), timeout=timeout, metadata=self.metadata)

@@ -58,6 +58,11 @@ def register(subparsers) -> None:
     p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"))
     p.add_argument("--diversify", action="store_true")
     p.add_argument("--mmr-lambda", type=float)
+    p.add_argument("--diagnose", action="store_true",
+                   help="retrieval-based diagnosis: print the label probabilities voted by "
+                        "the k nearest neighbours (no diversification)")
+    p.add_argument("--temperature", type=float,
+                   help="--diagnose vote: weight softmax(score / T) (server default 0.1)")
     p.add_argument("--png", type=Path, help="write a contact sheet of the hits here")
     p.add_argument("--root", type=Path, help="folder the hits' ids are paths in (for --png)")
     p.set_defaults(func=cmd_query)
@@ -146,7 +151,9 @@ def _kind_of(path: Path) -> str | None:
 def iter_items(source: Path, collection: str = ""):
     """IngestItems of a folder (id = relative path) or a JSONL manifest, one per line:
     ``{"id", "path" | "text", "collection", "modality", "body_part", "view", "labels",
-    "patient_pseudonym", "study_pseudonym", "source_document"}``."""
+    "patient_pseudonym", "study_pseudonym", "source_document", "regions"}``; ``regions``
+    is a list of ``{"name", "box": [x0, y0, x1, y1]}`` (images) or
+    ``{"name", "z_range": [first, last]}`` (a volume's organs, slices inclusive)."""
     from .v1 import retrieval_pb2 as pb
 
     if source.is_dir():
@@ -175,8 +182,26 @@ def iter_items(source: Path, collection: str = ""):
             content = {kind: path.read_text() if kind == "text" else path.read_bytes()}
         else:
             raise ValueError(f"{source}:{n + 1}: each line needs 'text' or 'path'")
+        regions = [_region(pb, r, f"{source}:{n + 1}") for r in row.get("regions") or ()]
         yield pb.IngestItem(id=str(row["id"]), collection=row.get("collection", collection),
-                            **content, **meta)
+                            regions=regions, **content, **meta)
+
+
+def _region(pb, raw: dict, where: str):
+    """A manifest region: {"name", "box": [x0, y0, x1, y1]} or {"name", "z_range": [z0, z1]}."""
+    if not isinstance(raw, dict) or not raw.get("name") or ("box" in raw) == ("z_range" in raw):
+        raise ValueError(f"{where}: each region needs a name and one of box or z_range, "
+                         f"got {raw!r}")
+    if "box" in raw:
+        if len(raw["box"]) != 4:
+            raise ValueError(f"{where}: region box must be [x0, y0, x1, y1], got {raw['box']!r}")
+        return pb.Region(name=raw["name"], box=pb.Box(**dict(zip(("x0", "y0", "x1", "y1"),
+                                                                 raw["box"]))))
+    z = raw["z_range"]
+    if len(z) != 2 or not all(isinstance(v, int) and v >= 0 for v in z):
+        raise ValueError(f"{where}: region z_range must be [first, last] slice ints >= 0, "
+                         f"got {z!r}")
+    return pb.Region(name=raw["name"], z_range=pb.ZRange(z_start=z[0], z_end=z[1]))
 
 
 def cmd_ingest(args) -> int:
@@ -210,9 +235,20 @@ def _send(client, batch, totals, bar, timeout) -> None:
 def cmd_query(args) -> int:
     from .v1 import retrieval_pb2 as pb
 
-    req = pb.SearchRequest(k=args.k, collection=args.collection, diversify=args.diversify,
-                           filters=pb.Filters(modality=args.modality, body_part=args.body_part,
-                                              view=args.view, labels_any=args.label))
+    filters = pb.Filters(modality=args.modality, body_part=args.body_part, view=args.view,
+                         labels_any=args.label)
+    if args.diagnose:
+        if args.diversify or args.mmr_lambda is not None or args.png is not None:
+            raise SystemExit("medseek query: --diagnose takes no --diversify, --mmr-lambda "
+                             "or --png")
+        req = pb.DiagnoseRequest(k=args.k, collection=args.collection, filters=filters)
+        if args.temperature is not None:
+            req.temperature = args.temperature
+    else:
+        if args.temperature is not None:
+            raise SystemExit("medseek query: --temperature needs --diagnose")
+        req = pb.SearchRequest(k=args.k, collection=args.collection, diversify=args.diversify,
+                               filters=filters)
     if args.text is not None:
         req.text = args.text
     elif args.image is not None:
@@ -229,6 +265,9 @@ def cmd_query(args) -> int:
             req.region.box.CopyFrom(pb.Box(x0=args.box[0], y0=args.box[1], x1=args.box[2],
                                            y1=args.box[3]))
     with _client(args) as client:
+        if args.diagnose:
+            print(format_diagnosis(client.diagnose(req, timeout=args.timeout)))
+            return 0
         resp = client.search(req, timeout=args.timeout)
     print(format_table(resp))
     if args.png is not None:
@@ -251,6 +290,21 @@ def format_table(resp) -> str:
     total = resp.timings_ms.get("total", 0.0)
     lines.append(f"{len(resp.hits)} hits of {resp.candidates} candidates, "
                  f"search {total:.1f} ms")
+    return "\n".join(lines)
+
+
+def format_diagnosis(resp) -> str:
+    """Label probabilities, then the neighbours that voted with their vote weights."""
+    rows = [("label", "probability")]
+    rows += [(p.label, f"{p.probability:.4f}") for p in resp.probabilities]
+    rows.append(("(no label)", f"{resp.no_label_probability:.4f}"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{a.ljust(width)}  {b}" for a, b in rows]
+    lines.append(f"voted by {len(resp.neighbours)} neighbours, weight softmax(score / "
+                 f"{resp.temperature:g}):")
+    for h, w in zip(resp.neighbours, resp.weights):
+        lines.append(f"  {h.id}  score {h.score:.4f}  weight {w:.4f}  "
+                     f"labels {','.join(h.item.labels) or '-'}")
     return "\n".join(lines)
 
 

@@ -48,6 +48,11 @@ class Decoded:
         The full-resolution image (for region crops).
     modality, body_part, view, patient_pseudonym, study_pseudonym : str, optional
         From a DICOM header (pseudonyms only after de-identification).
+    source_depth : int, optional
+        Volumes: slices of the volume as uploaded.
+    z_scale : float, optional
+        Volumes: target over source z-spacing; payload slice ``i`` samples uploaded slice
+        coordinate ``i * z_scale`` (``medseek.volume.resample``).
     """
 
     kind: str
@@ -59,6 +64,8 @@ class Decoded:
     view: str | None = None
     patient_pseudonym: str | None = None
     study_pseudonym: str | None = None
+    source_depth: int | None = None
+    z_scale: float | None = None
 
 
 def _sha_array(a: np.ndarray) -> str:
@@ -141,7 +148,8 @@ def decode_volume(data: bytes, field: str, spec: PreprocessSpec, limits: ReadLim
     return Decoded("volume", win, _sha_array(arr), modality=vol.modality,
                    body_part=vol.body_part,
                    patient_pseudonym=vol.meta.get("patient_pseudonym"),
-                   study_pseudonym=vol.meta.get("study_pseudonym"))
+                   study_pseudonym=vol.meta.get("study_pseudonym"), source_depth=arr.shape[0],
+                   z_scale=float(spec.target_spacing) / float(vol.spacing[0]))
 
 
 def crop(unit: np.ndarray, box, field: str, spec: PreprocessSpec) -> np.ndarray:
@@ -193,5 +201,79 @@ def region_record(parent: ItemRecord, region, collection: str, field: str) -> It
             labels=parent.labels, patient_pseudonym=parent.patient_pseudonym,
             study_pseudonym=parent.study_pseudonym, source_document=parent.source_document,
             parent_id=parent.id, region=region.name, box=box)
+    except (ValueError, TypeError) as exc:
+        raise InvalidField(field, str(exc)) from None
+
+
+def source_z_ranges(z_range: np.ndarray, z_scale: float, source_depth: int,
+                    resampled_depth: int) -> np.ndarray:
+    """Chunk z-ranges in the resampled volume -> slices of the volume as uploaded.
+
+    Resampled slice ``i`` samples uploaded coordinate ``i * z_scale``; an uploaded slice
+    belongs to the chunk holding its nearest resampled slice, so the chunks tile the
+    uploaded volume (overlapping chunks share slices). A chunk holding no uploaded slice's
+    nearest sample (strong upsampling) gets the slices its samples lie between.
+
+    Parameters
+    ----------
+    z_range : np.ndarray, int, shape (C, 2)
+        First and last slice (inclusive) of each chunk in the resampled volume.
+    z_scale : float > 0
+    source_depth, resampled_depth : int >= 1
+
+    Returns
+    -------
+    np.ndarray, int64, shape (C, 2)
+    """
+    k = np.arange(source_depth)
+    nearest = np.clip(np.floor(k / z_scale + 0.5), 0, resampled_depth - 1).astype(np.int64)
+    out = np.empty((len(z_range), 2), dtype=np.int64)
+    for c, (a, b) in enumerate(np.asarray(z_range, dtype=np.int64)):
+        mine = k[(nearest >= a) & (nearest <= b)]
+        if mine.size:
+            out[c] = mine[0], mine[-1]
+        else:
+            out[c] = (min(int(np.floor(a * z_scale)), source_depth - 1),
+                      min(int(np.ceil(b * z_scale)), source_depth - 1))
+    return out
+
+
+def _child(parent: ItemRecord, **fields) -> ItemRecord:
+    """A child of ``parent`` with its metadata, labels and provenance."""
+    return ItemRecord(
+        collection=fields.pop("collection"), modality=parent.modality,
+        body_part=parent.body_part, view=parent.view, labels=parent.labels,
+        patient_pseudonym=parent.patient_pseudonym, study_pseudonym=parent.study_pseudonym,
+        source_document=parent.source_document, parent_id=parent.id, **fields)
+
+
+def chunk_record(parent: ItemRecord, n: int, z_range, collection: str,
+                 field: str) -> ItemRecord:
+    """The store record of chunk ``n`` of volume ``parent``: id ``<parent id>/chunk/<n>``,
+    the parent's metadata and provenance, ``parent_id`` and ``z_range`` (uploaded slices)."""
+    try:
+        return _child(parent, id=f"{parent.id}/chunk/{n}", collection=collection,
+                      z_range=(int(z_range[0]), int(z_range[1])))
+    except (ValueError, TypeError) as exc:
+        raise InvalidField(field, str(exc)) from None
+
+
+def organ_record(parent: ItemRecord, region, collection: str, field: str,
+                 source_depth: int) -> ItemRecord:
+    """The store record of an organ of volume ``parent``: id ``<parent id>/region/<name>``,
+    ``region`` = the name, ``z_range`` = the organ's slices (checked against the volume)."""
+    if not region.name:
+        raise InvalidField(f"{field}.name", "must be non-empty")
+    if region.HasField("box") or not region.HasField("z_range"):
+        raise InvalidField(field, "a volume's region needs a z_range (organ slices) and no box")
+    z0, z1 = int(region.z_range.z_start), int(region.z_range.z_end)
+    if z0 > z1:
+        raise InvalidField(f"{field}.z_range", f"z_start {z0} is after z_end {z1}")
+    if z1 >= source_depth:
+        raise InvalidField(f"{field}.z_range", f"z_end {z1} is past the volume's last slice "
+                                               f"{source_depth - 1}")
+    try:
+        return _child(parent, id=f"{parent.id}/region/{region.name}", collection=collection,
+                      region=region.name, z_range=(z0, z1))
     except (ValueError, TypeError) as exc:
         raise InvalidField(field, str(exc)) from None

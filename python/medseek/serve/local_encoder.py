@@ -16,7 +16,8 @@ import numpy as np
 
 
 class LocalTorchEncoder:
-    """Encoder protocol: ``dim``, ``encode_images``, ``encode_volumes``, ``encode_texts``.
+    """Encoder protocol: ``dim``, ``encode_images``, ``encode_volumes``, ``encode_texts``;
+    and ``encode_volume_chunks`` (volume and chunk embeddings of one pass).
 
     Parameters
     ----------
@@ -70,6 +71,21 @@ class LocalTorchEncoder:
         H and W are centre-cropped to multiples of the patch size; each volume is chunked
         along z by the tower (any depth).
         """
+        out = [enc.volume.numpy() for enc in self._volume_encodings(volumes)]
+        return np.stack(out).astype(np.float32).reshape(len(out), self.dim)
+
+    def encode_volume_chunks(self, volumes: list[np.ndarray]) -> list:
+        """As ``encode_volumes``, with each volume's chunk embeddings and z-ranges
+        (:class:`medseek.encoders.base.VolumeChunks`, slices of the input volume)."""
+        from medseek.encoders.base import VolumeChunks
+        from medseek.encoders.preprocess import chunk_z_ranges
+
+        return [VolumeChunks(enc.volume.numpy().astype(np.float32).reshape(self.dim),
+                             np.ascontiguousarray(enc.chunks.numpy(), dtype=np.float32),
+                             chunk_z_ranges(enc.z_start, enc.valid))
+                for enc in self._volume_encodings(volumes)]
+
+    def _volume_encodings(self, volumes: list[np.ndarray]) -> list:
         import torch
 
         _, py, px = self._patch
@@ -87,5 +103,5 @@ class LocalTorchEncoder:
             y0, x0 = (vol.shape[1] - h) // 2, (vol.shape[2] - w) // 2
             crop = np.ascontiguousarray(vol[:, y0:y0 + h, x0:x0 + w])
             with torch.inference_mode():
-                out.append(self._volume.encode_volume_array(crop).volume.numpy())
-        return np.stack(out).astype(np.float32).reshape(len(out), self.dim)
+                out.append(self._volume.encode_volume_array(crop))
+        return out

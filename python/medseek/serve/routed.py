@@ -2,8 +2,9 @@
 
 Production serves one exported model per modality (a radiograph model and a volume model,
 each with its text tower, behind Triton); the service takes one encoder, so this routes
-``encode_images`` / ``encode_volumes`` / ``encode_texts`` to the right one. All must share
-``dim`` (one embedding space).
+``encode_images`` / ``encode_volumes`` / ``encode_texts`` to the right one (and
+``encode_volume_chunks`` when the volume encoder has it). All must share ``dim`` (one
+embedding space).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class RoutedEncoder:
         if len(dims) != 1:
             raise ValueError(f"images, volumes and texts encoders must share dim, got {dims}")
         self.dim = dims.pop()
+        if hasattr(volumes, "encode_volume_chunks"):  # offered only when the volume side can
+            self.encode_volume_chunks = volumes.encode_volume_chunks
 
     @property
     def image_size(self):

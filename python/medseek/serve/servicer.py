@@ -23,16 +23,20 @@ import grpc
 import numpy as np
 
 from medseek.search import RegionQuery, SearchFilters
+from medseek.search.diagnose import diagnose, vote_weights
+from medseek.search.rerank import organ_embedding
 
 from . import ingest as ing
 from .batcher import MicroBatcher
-from .messages import NotFound, item_message, status_of
+from .messages import FailedPrecondition, NotFound, item_message, status_of
 from .routed import input_geometry
 from .v1 import retrieval_pb2 as pb
 from .v1 import retrieval_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 MAX_K = 1000
+#: default softmax temperature of the Diagnose vote (a cosine 0.1 higher weighs e times more)
+DIAGNOSE_TEMPERATURE = 0.1
 
 
 class RetrievalService(pb_grpc.RetrievalServicer):
@@ -60,15 +64,31 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         self.unavailable = tuple(unavailable_errors)
         self._decode_pool = ThreadPoolExecutor(2, thread_name_prefix="medseek-decode")
         self._encode_pool = ThreadPoolExecutor(1, thread_name_prefix="medseek-encode")
-        self._index_pool = ThreadPoolExecutor(1, thread_name_prefix="medseek-index")
+        import os
+
+        import faiss  # FAISS settings (medseek.index imported it already)
+
+        if config.faiss_blas_min_batch is not None:  # process-wide
+            faiss.cvar.distance_compute_blas_threshold = (config.faiss_blas_min_batch
+                                                          * int(encoder.dim))
+        # OpenMP's thread count is per calling thread: set it on the index thread itself
+        omp = config.faiss_threads or max(1, (os.cpu_count() or 2) - 1)
+        self._index_pool = ThreadPoolExecutor(1, thread_name_prefix="medseek-index",
+                                              initializer=faiss.omp_set_num_threads,
+                                              initargs=(omp,))
+        # after the ANN: store reads, rerank, diversify, explain (own SQLite connections)
+        self._search_pool = ThreadPoolExecutor(config.search_threads,
+                                               thread_name_prefix="medseek-search")
         self._pipelines = {(config.search.lam, config.search.k_prime): pipeline}
         # items of one Ingest call in flight at once: a batch, and at most half the queue
         b = config.encode_batch
         self._ingest_batch = max(1, min(b.max_batch, b.max_queue // 2))
         self.encode_batcher = MicroBatcher("encode", self._encode_batch, config.encode_batch,
                                            self._encode_pool, metrics.on_batch)
-        self.search_batcher = MicroBatcher("search", self._search_batch, config.search_batch,
-                                           self._index_pool, metrics.on_batch)
+        self.search_batcher = MicroBatcher(
+            "search", self._search_batch, config.search_batch, self._index_pool,
+            metrics.on_batch, finish=self._search_finish, finish_executor=self._search_pool,
+            max_finishing=config.search_threads + 1)
         self._update_index_gauges()
 
     def start(self) -> None:
@@ -78,7 +98,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     async def close(self) -> None:
         await self.encode_batcher.close()
         await self.search_batcher.close()
-        for pool in (self._decode_pool, self._encode_pool, self._index_pool):
+        for pool in (self._decode_pool, self._encode_pool, self._index_pool,
+                     self._search_pool):
             pool.shutdown(wait=True)
 
     # -- plumbing ---------------------------------------------------------------------
@@ -130,6 +151,12 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     def _encode_rows(self, kind: str, payloads: list) -> list:
         t0 = time.perf_counter()
         items = [c for _, c in payloads]
+        if kind == "volume_chunks":  # [VolumeChunks]: volume and chunk embeddings of one pass
+            encs = list(self.encoder.encode_volume_chunks(items))
+            self.metrics.stage.labels("encode").observe(time.perf_counter() - t0)
+            return [e if np.isfinite(e.volume).all() and np.isfinite(e.chunks).all()
+                    else ing.InvalidField(field, "the encoder produced a NaN embedding")
+                    for (field, _), e in zip(payloads, encs)]
         if kind == "text":
             embs = self.encoder.encode_texts(items)
         elif kind == "image":
@@ -199,7 +226,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         collection, region_emb, exclude = request.collection, None, None
         if kind == "item_id":
             query, stored_coll, region_emb = await self._in(
-                self._index_pool, self._stored_query, request.item_id, region_name)
+                self._search_pool, self._stored_query, request.item_id, region_name)
             collection, exclude = collection or stored_coll, request.item_id
         else:
             dec = await self._decode(kind, getattr(request, kind), kind)
@@ -241,7 +268,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         return resp
 
     def _stored_query(self, item_id: str, region_name: str):
-        got = self.store.get([item_id], with_embeddings=True).get(item_id)
+        # the pipeline's read-only connection of this thread: no wait on the index thread
+        got = self.pipeline.reader.by_ids([item_id], with_embeddings=True).get(item_id)
         if got is None or got.embedding is None:
             raise NotFound(f"item_id: no stored item {item_id!r}")
         region_emb = None
@@ -255,12 +283,14 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             region_emb = usable[0]
         return got.embedding, got.record.collection, region_emb
 
-    def _search_batch(self, key, payloads: list) -> list:
+    def _search_batch(self, key, payloads: list):
+        """On the index thread: filter + ANN of a micro-batch; ``_search_finish`` does the
+        rest on a search thread while the next micro-batch's ANN runs."""
         collection, k, filters, region_name, diversify, lam = key
         try:
             self.catalog.index(collection)
         except ValueError:
-            return [None] * len(payloads)  # nothing stored in this collection yet
+            return None  # nothing stored in this collection yet
         # without rerank or diversification the top k are final: fetching K' is wasted work
         k_prime = self.config.search.k_prime if region_name or diversify else k
         pipeline = self._pipelines.get((lam, k_prime))
@@ -270,11 +300,27 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             pipeline.config = replace(base, lam=lam, k_prime=k_prime, k=min(base.k, k_prime))
             self._pipelines[(lam, k_prime)] = pipeline
         queries = np.stack([q for q, _ in payloads]).astype(np.float32)
+        try:
+            return pipeline, pipeline.ann(collection, queries, k, filters)
+        except ValueError as exc:
+            raise ing.InvalidField("query", str(exc)) from None
+
+    def _search_finish(self, key, payloads: list, found) -> list:
+        """On a search thread: store reads, rerank, diversify, explain of a micro-batch.
+
+        Consistency is as before the split: the index only holds rows whose store write
+        was committed (the catalog syncs after each commit, on the index thread), and the
+        candidates and hits are read from the last committed state, so a row deleted
+        before these reads is dropped (counted as stale), never returned."""
+        if found is None:
+            return [None] * len(payloads)
+        pipeline, batch = found
+        region_name, diversify = key[3], key[4]
         region = None
         if region_name is not None:
             region = RegionQuery(region_name, np.stack([r for _, r in payloads]))
         try:
-            return pipeline.search(collection, queries, k, filters, region, diversify)
+            return pipeline.finish(batch, region, diversify)
         except ValueError as exc:
             raise ing.InvalidField("query", str(exc)) from None
 
@@ -313,18 +359,53 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         dec = await self._decode(kind, getattr(item, kind), field)
         collection = item.collection or ing.DEFAULT_COLLECTION[kind]
         record = ing.build_record(item, collection, dec, f"items[{i}]")
+        names = [r.name for r in item.regions]
+        for j, name in enumerate(names):
+            if name in names[:j]:
+                raise ing.InvalidField(f"items[{i}].regions[{j}].name", f"repeats {name!r}")
+        if kind == "volume":
+            return await self._prepare_volume(item, i, dec, record)
         jobs = [self._encode(kind, field, dec.payload)]
         children = []
         for j, region in enumerate(item.regions):
             rfield = f"items[{i}].regions[{j}]"
-            if kind != "image" or not region.name or not region.HasField("box"):
-                raise ing.InvalidField(rfield, "regions need an image item, a name and a box")
+            if kind != "image":
+                raise ing.InvalidField(rfield, "regions need an image or a volume item")
+            if not region.name or not region.HasField("box") or region.HasField("z_range"):
+                raise ing.InvalidField(rfield, "an image's regions need a name and a box "
+                                               "(a z_range is for a volume's organs)")
             children.append(ing.region_record(record, region, self.config.search.region_collection,
                                               rfield))
             jobs.append(self._encode("image", rfield, ing.crop(
                 dec.pixels, region.box, f"{rfield}.box", self.config.preprocess)))
         embs = await asyncio.gather(*jobs)
         return record, embs[0], list(zip(children, embs[1:]))
+
+    async def _prepare_volume(self, item, i: int, dec: ing.Decoded, record):
+        """A volume with its chunks and organs as children: each chunk's embedding, and for
+        each organ the overlap-weighted mean of the chunks covering its z-range (what the
+        pipeline's region rerank pools for a volume)."""
+        field, search = f"items[{i}].volume", self.config.search
+        organs = [ing.organ_record(record, region, search.region_collection,
+                                   f"items[{i}].regions[{j}]", dec.source_depth)
+                  for j, region in enumerate(item.regions)]
+        if not hasattr(self.encoder, "encode_volume_chunks"):
+            if organs:
+                raise ing.InvalidField(f"items[{i}].regions", "organ regions need chunk "
+                                       "embeddings, which this server's encoder does not give")
+            return record, await self._encode("volume", field, dec.payload), []
+        enc = await self._encode("volume_chunks", field, dec.payload)
+        z = ing.source_z_ranges(enc.z_range, dec.z_scale, dec.source_depth,
+                                dec.payload.shape[0])
+        children = [(ing.chunk_record(record, n, zr, search.chunk_collection, field), emb)
+                    for n, (zr, emb) in enumerate(zip(z, enc.chunks))]
+        for j, organ in enumerate(organs):
+            vec = organ_embedding(enc.chunks, z, organ.z_range)
+            if vec is None:
+                raise ing.InvalidField(f"items[{i}].regions[{j}].z_range",
+                                       "the chunks covering it have no usable embedding")
+            children.append((organ, vec))
+        return record, enc.volume, children
 
     async def _flush(self, pending: list, resp: pb.IngestResponse) -> None:
         if not pending:
@@ -348,11 +429,24 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             kids = [c for rec, _, cs in batch if rec.id in written for c in cs]
             if kids:
                 self.store.upsert([c for c, _ in kids], np.stack([e for _, e in kids]))
+            self._drop_stale_children([r.id for r in results if r.status == "updated"],
+                                      {c.id for c, _ in kids})
         except (ValueError, TypeError) as exc:
             raise ing.InvalidField("items", str(exc)) from None
         self.catalog.sync()
         self._update_index_gauges()
         return results
+
+    def _drop_stale_children(self, parents: list[str], kept: set[str]) -> None:
+        """An updated item keeps only the chunks and regions of its new version."""
+        if not parents:
+            return
+        search, stale = self.config.search, []
+        for collection in (search.chunk_collection, search.region_collection):
+            for rows in self.pipeline.reader.children(parents, collection).values():
+                stale += [r.id for r in rows if r.id not in kept]
+        if stale:
+            self.store.delete(stale)
 
     async def Delete(self, request, context):
         return await self._guarded("Delete", context, lambda: self._in(
@@ -382,6 +476,61 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         if missing:
             raise NotFound(f"ids: no stored items {missing[:5]}")
         return pb.GetResponse(items=[item_message(got[i].record, got[i].embedding) for i in ids])
+
+    # -- diagnosis ----------------------------------------------------------------------
+    async def Diagnose(self, request, context):
+        return await self._guarded("Diagnose", context, lambda: self._diagnose(request))
+
+    async def _diagnose(self, request) -> pb.DiagnoseResponse:
+        """The plain (or region-reranked) top k of the Search path vote their labels
+        (``medseek.search.diagnose``), each with weight ``softmax(score / temperature)``."""
+        temperature = DIAGNOSE_TEMPERATURE
+        if request.HasField("temperature"):
+            temperature = float(request.temperature)
+            if not (math.isfinite(temperature) and temperature > 0):
+                raise ing.InvalidField("temperature", f"must be finite and > 0, got {temperature}")
+        kind = request.WhichOneof("query")
+        query = pb.SearchRequest(collection=request.collection, k=request.k, diversify=False,
+                                 request_id=request.request_id)
+        if kind is not None:
+            setattr(query, kind, getattr(request, kind))
+        for name in ("filters", "region"):
+            if request.HasField(name):
+                getattr(query, name).CopyFrom(getattr(request, name))
+        found = await self._search(query)
+        collection = (request.collection or ing.DEFAULT_COLLECTION.get(kind)
+                      or (found.hits[0].item.collection if found.hits else None))
+        if collection is None:  # an item_id query whose collection holds nothing else
+            collection = await self._in(self._index_pool, self._collection_of, request.item_id)
+        if not found.hits:
+            narrowed = " that pass the filters" if request.HasField("filters") else ""
+            besides = " besides item_id" if kind == "item_id" else ""
+            raise FailedPrecondition(f"collection: {collection!r} holds no items{narrowed}"
+                                     f"{besides} to vote")
+        labels = [tuple(h.item.labels) for h in found.hits]
+        if not any(labels) and not await self._in(self._index_pool, self.store.has_labels,
+                                                  collection):
+            raise FailedPrecondition(f"collection: {collection!r} holds no labelled items; "
+                                     "a diagnosis votes the neighbours' labels")
+        scores = np.array([h.score for h in found.hits], dtype=np.float64)
+        n = scores.size
+        probs = diagnose(scores, labels, n, weighted=True, temperature=temperature)
+        weights = vote_weights(scores, n, weighted=True, temperature=temperature)
+        resp = pb.DiagnoseResponse(
+            request_id=request.request_id, temperature=temperature, weights=weights.tolist(),
+            no_label_probability=float(sum(w for w, lab in zip(weights, labels) if not lab)))
+        for label, p in sorted(probs.items(), key=lambda kv: (-kv[1], kv[0])):
+            resp.probabilities.add(label=label, probability=p)
+        resp.neighbours.extend(found.hits)
+        for stage, ms in found.timings_ms.items():
+            resp.timings_ms[stage] = ms
+        return resp
+
+    def _collection_of(self, item_id: str) -> str:
+        got = self.store.get([item_id]).get(item_id)
+        if got is None:
+            raise NotFound(f"item_id: no stored item {item_id!r}")
+        return got.record.collection
 
     async def Stats(self, request, context):
         return await self._guarded("Stats", context, lambda: self._in(self._index_pool,

@@ -64,6 +64,11 @@ class RetrievalStub:
                 request_serializer=medseek_dot_v1_dot_retrieval__pb2.StatsRequest.SerializeToString,
                 response_deserializer=medseek_dot_v1_dot_retrieval__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Diagnose = channel.unary_unary(
+                '/medseek.v1.Retrieval/Diagnose',
+                request_serializer=medseek_dot_v1_dot_retrieval__pb2.DiagnoseRequest.SerializeToString,
+                response_deserializer=medseek_dot_v1_dot_retrieval__pb2.DiagnoseResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServicer:
@@ -108,6 +113,14 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Diagnose(self, request, context):
+        """Retrieval-based diagnosis: the labels of the k nearest neighbours, voted into
+        per-label probabilities.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +153,11 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=medseek_dot_v1_dot_retrieval__pb2.StatsRequest.FromString,
                     response_serializer=medseek_dot_v1_dot_retrieval__pb2.StatsResponse.SerializeToString,
+            ),
+            'Diagnose': grpc.unary_unary_rpc_method_handler(
+                    servicer.Diagnose,
+                    request_deserializer=medseek_dot_v1_dot_retrieval__pb2.DiagnoseRequest.FromString,
+                    response_serializer=medseek_dot_v1_dot_retrieval__pb2.DiagnoseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +322,33 @@ class Retrieval:
             '/medseek.v1.Retrieval/Stats',
             medseek_dot_v1_dot_retrieval__pb2.StatsRequest.SerializeToString,
             medseek_dot_v1_dot_retrieval__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Diagnose(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medseek.v1.Retrieval/Diagnose',
+            medseek_dot_v1_dot_retrieval__pb2.DiagnoseRequest.SerializeToString,
+            medseek_dot_v1_dot_retrieval__pb2.DiagnoseResponse.FromString,
             options,
             channel_credentials,
             insecure,
