@@ -4,9 +4,11 @@ in-process ONNX Runtime encoder, each against torch on fresh inputs."""
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -98,6 +100,44 @@ def test_text_matches_torch(models, repo):
     with torch.inference_mode():
         want = models[0].encode_text(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     assert row_cos(got, want).min() >= MIN_COS
+
+
+def test_image_graph_has_no_run_time_rope_or_shape_arithmetic(repo):
+    """H and W are fixed, so the RoPE tables and every reshape target are constants."""
+    m = onnx.load(str(repo / "image_encoder" / "1" / "model.onnx"))
+    ops = Counter(n.op_type for n in m.graph.node)
+    assert not {"Sin", "Cos", "Cast", "Range", "ConstantOfShape", "Unsqueeze"} & set(ops), ops
+    assert ops["Shape"] <= 1, ops  # the head's L2 normalisation expands its norm
+    assert {n.domain for n in m.graph.node} <= {"", "ai.onnx"}  # standard ops (TensorRT)
+    dims = [d.dim_param or d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 1, 64, 64]
+
+
+@pytest.mark.parametrize("depth, sections, size", [(1, None, (48, 80)), (3, (5, 11), (64, 40))])
+def test_fixed_size_image_graph_equals_encode_image(tmp_path, depth, sections, size):
+    """The fixed-size image graph (constant RoPE tables, CLS-only last block) and the
+    generic trace of encode_image both match torch, with every parameter made non-trivial
+    (CLS token, biases, LayerNorm affine), one block (the only block is the last) or
+    three, uneven RoPE sections, a non-square image."""
+    torch.manual_seed(5)
+    model = create_model("cxr-tiny", vision={"depth": depth, "rope_sections": sections},
+                         preprocess={"image_size": list(size)}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    fixed, generic = tmp_path / "fixed.onnx", tmp_path / "generic.onnx"
+    assert export_graph(model, "image", fixed) >= MIN_COS  # verified against encode_image
+    assert export_graph(model, "image", generic, ExportConfig(fixed_size_image=False)) >= MIN_COS
+    x = torch.randn(4, 1, *size, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        want = model.encode_image(x).numpy()
+    for path in (fixed, generic):
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            None, {"images": x.numpy()})[0]
+        assert row_cos(got, want).min() >= MIN_COS
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    ops = Counter(n.op_type for n in onnx.load(str(fixed)).graph.node)
+    assert ops["Shape"] <= 1 and "Sin" not in ops
 
 
 def test_export_check_fails_for_a_wrong_graph(models, tmp_path):

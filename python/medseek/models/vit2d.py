@@ -107,12 +107,19 @@ class ViT2D(nn.Module):
         gh, gw = self.grid_size(images)
         x = self.patch_embed(images)  # (B, width, gh, gw)
         x = x.flatten(2).transpose(1, 2)  # (B, N, width)
-        ys, xs = torch.meshgrid(
-            torch.arange(gh, device=images.device), torch.arange(gw, device=images.device),
-            indexing="ij",
-        )
-        pos = torch.stack((ys.flatten(), xs.flatten()), dim=-1).to(torch.int32)  # (N, 2)
+        pos = self.grid_positions(gh, gw, images.device)  # (N, 2)
         return x, pos.unsqueeze(0).expand(x.shape[0], -1, -1)
+
+    @staticmethod
+    def grid_positions(gh: int, gw: int, device=None) -> torch.Tensor:
+        """``(gh * gw, 2)`` int32 ``(y, x)`` of a patch grid, row-major (:meth:`embed`'s order).
+
+        The CLS token, which :meth:`encode_tokens` puts first, sits at ``(0, 0)``.
+        """
+        ys, xs = torch.meshgrid(
+            torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij"
+        )
+        return torch.stack((ys.flatten(), xs.flatten()), dim=-1).to(torch.int32)  # (N, 2)
 
     def encode_tokens(
         self, x: torch.Tensor, pos: torch.Tensor
