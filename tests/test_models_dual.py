@@ -52,7 +52,10 @@ def volume_batch(seed=0):
 
 def test_every_shipped_config_parses_and_counts():
     names = list_models()
-    assert names == sorted(f"{t}-{s}" for t in ("ct", "cxr", "wrist") for s in SIZES)
+    # the <task>-<size> grid, plus tiny vision towers with the full pretrained MiniLM
+    # (the tiny-cxr / tiny-ct recipes)
+    assert names == sorted([f"{t}-{s}" for t in ("ct", "cxr", "wrist") for s in SIZES]
+                           + ["ct-tiny-minilm", "cxr-tiny-minilm"])
     totals = {}
     for name in names:
         cfg = load_config(name)

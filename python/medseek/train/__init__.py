@@ -14,6 +14,10 @@ module                 owns
                        gloo/NCCL data parallel, JSONL metrics, eval hook)
 :mod:`.checkpoint`     safetensors checkpoints with exact resume
 :mod:`.recipe`         ``TrainConfig`` and the JSON recipes in ``recipes/``
+:mod:`.text_features`  freezing the text tower; ``TextFeatureCache`` of a frozen
+                       tower's features (one MiniLM forward per text per run)
+:mod:`.ablation`       the issue-5 ablation table (``benchmarks/ablation.py``):
+                       variants from one seed, test-split metrics with CIs
 =====================  ==========================================================
 
 Submodules are imported on use; importing this package costs nothing.

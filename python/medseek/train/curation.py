@@ -132,15 +132,19 @@ def curation_report(indices: np.ndarray, labels: np.ndarray, label_names, assign
     return out
 
 
-def reference_embeddings(model, ds, batch_size: int = 64) -> np.ndarray:
+def reference_embeddings(model, ds, batch_size: int = 64, text_cache=None) -> np.ndarray:
     """Reference embeddings for curation: the model's text tower (before training) on
-    each pair's report, ``(N, text dim)``."""
+    each pair's report, ``(N, text dim)``; from ``text_cache`` (a
+    :class:`~medseek.train.text_features.TextFeatureCache`) when the tower is frozen."""
     import torch
 
     from .data import load_tokenizer, tokenize
+    from .text_features import text_tower_frozen
 
-    tok = load_tokenizer(model.cfg.text.max_length)
     reports = [r.report for r in ds.records]
+    if text_cache is not None and text_tower_frozen(model):
+        return text_cache.features(model, reports).numpy()
+    tok = load_tokenizer(model.cfg.text.max_length)
     out = []
     with torch.no_grad():
         for s in range(0, len(reports), batch_size):
@@ -150,16 +154,17 @@ def reference_embeddings(model, ds, batch_size: int = 64) -> np.ndarray:
     return np.concatenate(out)
 
 
-def apply_curation(ds, cfg, model):
+def apply_curation(ds, cfg, model, text_cache=None):
     """``(subset, report)`` for a :class:`~medseek.train.recipe.CurationConfig`;
-    ``(ds, None)`` when ``cfg.method == "none"``."""
+    ``(ds, None)`` when ``cfg.method == "none"``. ``text_cache`` serves the reference
+    embeddings of a frozen text tower."""
     if cfg.method == "none":
         return ds, None
     seed = cfg.seed
     if cfg.method == "random":
         idx, assign = select_random(len(ds), cfg.fraction, seed), None
     else:
-        idx, assign = select_curated(reference_embeddings(model, ds), cfg.fraction, seed,
+        idx, assign = select_curated(reference_embeddings(model, ds, text_cache=text_cache), cfg.fraction, seed,
                                      clusters=cfg.clusters)
     report = {"method": cfg.method, "fraction": cfg.fraction,
               **curation_report(idx, ds.label_matrix(), list(ds.label_names), assign)}

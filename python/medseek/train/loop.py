@@ -38,6 +38,7 @@ from .data import PairDataset, collate, load_tokenizer, tokenize
 from .losses import combine_losses, encode_batch
 from .optim import build_optimizer, describe_split
 from .recipe import TrainConfig
+from .text_features import TextFeatureCache, freeze_text_layers, text_tower_frozen
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
@@ -108,11 +109,16 @@ class Trainer:
     ``out_dir`` receives ``metrics.jsonl`` (one line per logged step and per evaluation)
     and ``checkpoint.safetensors``. ``rank``/``world`` come from an initialised
     ``torch.distributed`` process group (world 1 when none).
+
+    ``cfg.text_trainable_layers`` freezes (part of) the text tower before the optimizer is
+    built; a wholly frozen tower's features come from ``text_cache`` (a
+    :class:`~medseek.train.text_features.TextFeatureCache`, shared between trainers of
+    the same frozen tower; a new one when None).
     """
 
     def __init__(self, cfg: TrainConfig, model, train: PairDataset, out_dir: str | Path, *,
                  val: PairDataset | None = None, device: str | torch.device = "cpu",
-                 progress: bool = True) -> None:
+                 progress: bool = True, text_cache: TextFeatureCache | None = None) -> None:
         import torch.distributed as dist
 
         self.cfg, self.model, self.train, self.val = cfg, model, train, val
@@ -127,8 +133,12 @@ class Trainer:
             raise ValueError(f"micro-batch {micro} (batch_size / accum_steps) must be divisible "
                              f"by the world size {self.world}")
         self.model.to(self.device)
+        freeze_text_layers(model, cfg.text_trainable_layers)
         self.optimizer, self.split = build_optimizer(model, cfg.optim)
         self.tokenizer = load_tokenizer(model.cfg.text.max_length)
+        self.text_cache = None
+        if text_tower_frozen(model):
+            self.text_cache = text_cache if text_cache is not None else TextFeatureCache(self.tokenizer)
         self.step = 0
         self.position = 0
         self.samples_seen = 0
@@ -153,6 +163,8 @@ class Trainer:
         self.step, self.position = int(state["step"]), int(state["position"])
         self.samples_seen = int(state["samples_seen"])
         self.compute = dict(state["compute"])
+        if self.text_cache is not None:
+            self.text_cache.forget(self.model)  # the checkpoint may hold other text weights
 
     # ------------------------------------------------------------------ steps
 
@@ -184,8 +196,11 @@ class Trainer:
             idx = stream_indices(len(self.train), cfg.seed, self.position, micro)
             self.position += micro
             mine = idx[self.rank * local:(self.rank + 1) * local]
-            batch = self._to_device(collate([self._item(i) for i in mine], self.tokenizer,
-                                            self.train.text_ids))
+            items = [self._item(i) for i in mine]
+            batch = collate(items, self.tokenizer, self.train.text_ids)
+            if self.text_cache is not None:
+                batch.update(cached_text_features(self.model, items, self.text_cache))
+            batch = self._to_device(batch)
             with amp:
                 emb = encode_batch(self.model, batch, cfg.loss)
                 loss, parts = combine_losses(self.model, emb, batch, cfg.loss, gather)
@@ -268,41 +283,83 @@ class Trainer:
     def _log_eval(self, log) -> None:
         if self.rank != 0:
             return
-        metrics = evaluate(self.model, self.val, self.tokenizer, self.device)
+        metrics = evaluate(self.model, self.val, self.tokenizer, self.device, text_cache=self.text_cache)
         if log:
             clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
             log.write(json.dumps({"step": self.step, "eval": clean}) + "\n")
             log.flush()
 
 
-@torch.no_grad()
-def evaluate(model, ds: PairDataset, tokenizer, device="cpu", batch_size: int = 16) -> dict:
-    """Val metrics: image→image nDCG@10 (Jaccard label overlap, self excluded), mean
-    zero-shot AUROC from prompts ``"<label>"`` vs ``"no <label>"``, and the modality gap
-    (centroid distance, pair/cross cosine) between image and report embeddings."""
-    from medseek.eval.classification import per_label_auroc_auprc, zero_shot_scores
-    from medseek.eval.metrics import label_overlap_relevance, ndcg_at_k
+def cached_text_features(model, items: list[dict], cache: TextFeatureCache) -> dict:
+    """Batch entries ``text_features`` (reports), ``region_text_features`` (captions)
+    and ``organ_text_features`` (organ sentences) from a frozen tower's cache, in the
+    order :func:`~medseek.train.data.collate` tokenises those texts."""
+    out = {"text_features": cache.features(model, [it["report"] for it in items])}
+    if "captions" in items[0]:
+        out["region_text_features"] = cache.features(model, [c for it in items for c in it["captions"] if c])
+    if "organs" in items[0]:
+        out["organ_text_features"] = cache.features(model, [t for it in items for _, _, t in it["organs"]])
+    return out
 
+
+@torch.no_grad()
+def embed_dataset(model, ds: PairDataset, tokenizer, device="cpu", batch_size: int = 16,
+                  text_cache: TextFeatureCache | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Global visual and report embeddings of every item of ``ds``: ``(N, D)`` each."""
+    was_training = model.training
     model.eval()
     vis, txt = [], []
     for s in range(0, len(ds), batch_size):
         items = [ds[i] for i in range(s, min(s + batch_size, len(ds)))]
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                 for k, v in collate(items, tokenizer, ds.text_ids).items()}
+        batch = collate(items, tokenizer, ds.text_ids)
+        if text_cache is not None and text_tower_frozen(model):
+            batch["text_features"] = text_cache.features(model, [it["report"] for it in items])
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         emb = encode_batch(model, batch, _EVAL_LOSS)
         vis.append(emb["visual"].float().cpu())
         txt.append(emb["text"].float().cpu())
-    v, t = torch.cat(vis).numpy(), torch.cat(txt).numpy()
+    model.train(was_training)
+    return torch.cat(vis).numpy(), torch.cat(txt).numpy()
+
+
+@torch.no_grad()
+def encode_texts(model, texts: list[str], tokenizer, device="cpu", batch_size: int = 64,
+                 text_cache: TextFeatureCache | None = None) -> np.ndarray:
+    """Projected text embeddings ``(len(texts), D)`` of arbitrary strings (prompts)."""
+    if text_cache is not None and text_tower_frozen(model) and texts:
+        feats = text_cache.features(model, list(texts)).to(device)
+        return model.text_head(feats).float().cpu().numpy()
+    out = []
+    for s in range(0, len(texts), batch_size):
+        ids, mask = tokenize(tokenizer, texts[s:s + batch_size])
+        out.append(model.encode_text(ids.to(device), mask.to(device)).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, model.embed_dim), np.float32)
+
+
+@torch.no_grad()
+def evaluate(model, ds: PairDataset, tokenizer, device="cpu", batch_size: int = 16,
+             text_cache: TextFeatureCache | None = None) -> dict:
+    """Val metrics: image→image nDCG@10 (Jaccard label overlap; the query's own patient
+    excluded), mean zero-shot AUROC from report-phrased prompt ensembles
+    (:mod:`medseek.eval.prompts`), and the modality gap (centroid distance, pair/cross
+    cosine) between image and report embeddings."""
+    from medseek.eval.classification import per_label_auroc_auprc, zero_shot_scores
+    from medseek.eval.metrics import label_overlap_relevance, ndcg_at_k
+    from medseek.eval.prompts import prompt_embeddings
+
+    model.eval()
+    v, t = embed_dataset(model, ds, tokenizer, device, batch_size, text_cache)
     labels = ds.label_matrix()
     out: dict = {"n": len(ds)}
     scores = v @ v.T
     np.fill_diagonal(scores, -np.inf)
+    patients = np.array([r.patient_id or r.id for r in ds.records])
+    scores[patients[:, None] == patients[None, :]] = -np.inf
     nd = ndcg_at_k(scores, label_overlap_relevance(labels, labels, "jaccard"), 10)
     out["ndcg@10"] = float(np.nanmean(nd)) if np.isfinite(nd).any() else float("nan")
-    prompts = [p for name in ds.label_names for p in (name, f"no {name}")]
-    ids, mask = tokenize(tokenizer, prompts)
-    pe = model.encode_text(ids.to(device), mask.to(device)).float().cpu().numpy()
-    zs = zero_shot_scores(v, pe.reshape(len(ds.label_names), 2, -1))
+    pe = prompt_embeddings(lambda texts: encode_texts(model, texts, tokenizer, device, text_cache=text_cache),
+                           ds.label_names)
+    zs = zero_shot_scores(v, pe)
     aucs = [a for a, _ in per_label_auroc_auprc(zs, labels, list(ds.label_names)).values()]
     finite = [a for a in aucs if not math.isnan(a)]
     out["zero_shot_auroc"] = float(np.mean(finite)) if finite else float("nan")

@@ -139,6 +139,16 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _encode_text(model, batch: dict, prefix: str) -> torch.Tensor:
+    """Projected text embeddings of ``batch[prefix + "input_ids"]``; when the batch holds
+    ``prefix + "text_features"`` (a frozen tower's cached output, see
+    :mod:`medseek.train.text_features`) only the head runs."""
+    feats = batch.get(f"{prefix}text_features")
+    if feats is not None:
+        return model.text_head(feats)
+    return model.encode_text(batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"])
+
+
 def encode_batch(model, batch: dict, cfg: LossConfig) -> dict[str, torch.Tensor]:
     """Run the towers the configured terms need; returns the embeddings by name.
 
@@ -147,14 +157,13 @@ def encode_batch(model, batch: dict, cfg: LossConfig) -> dict[str, torch.Tensor]
     ``organ_group``.
     """
     out: dict[str, torch.Tensor] = {}
-    out["text"] = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    out["text"] = _encode_text(model, batch, "")
     if model.modality == "image":
         if cfg.w_region > 0:
             glob, regions = model.encode_image_and_regions(batch["images"], batch["boxes"])
             valid = batch["region_valid"]  # (B, R) bool: the region has a caption
             out["region"] = regions[valid]  # (M, D)
-            out["region_text"] = model.encode_text(batch["region_input_ids"],
-                                                   batch["region_attention_mask"])  # (M, D)
+            out["region_text"] = _encode_text(model, batch, "region_")  # (M, D)
             out["region_group"] = batch["region_group"]
         else:
             glob = model.encode_image(batch["images"])
@@ -174,7 +183,7 @@ def encode_batch(model, batch: dict, cfg: LossConfig) -> dict[str, torch.Tensor]
             organ.append(organ_embedding(chunk_embs[s:e], batch["z_start"][s:e], batch["depth"],
                                          z0, z1, valid=batch["valid"][s:e]))
         out["organ"] = torch.stack(organ)  # (M, D)
-        out["organ_text"] = model.encode_text(batch["organ_input_ids"], batch["organ_attention_mask"])
+        out["organ_text"] = _encode_text(model, batch, "organ_")
         out["organ_group"] = batch["organ_group"]
     return out
 

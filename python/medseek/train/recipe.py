@@ -7,7 +7,8 @@ the same layout works too::
     {"model": "wrist-tiny", "steps": 300, "batch_size": 16, "accum_steps": 1, "seed": 0,
      "loss": {...LossConfig fields}, "optim": {...OptimConfig fields},
      "curation": {"method": "curated" | "random", "fraction": 0.25, "clusters": 8, "seed": 0},
-     "eval_every": 100, "save_every": 100, "log_every": 10, "model_overrides": {...}}
+     "eval_every": 100, "save_every": 100, "log_every": 10, "model_overrides": {...},
+     "pretrained_text": true, "text_trainable_layers": 0}
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class TrainConfig:
     save_every: int = 0  # 0: save only at the end
     max_grad_norm: float = 0.0  # 0: no clipping
     pretrained_text: bool | None = None  # None: the model config decides
+    # text layers to train, counted from the top: -1 all (the whole tower trains); 0 the
+    # tower is frozen and only the text projection head learns (its features are cached
+    # per report, so a frozen pretrained MiniLM costs one forward per report per run);
+    # k: the top k transformer layers train, embeddings and lower layers are frozen
+    text_trainable_layers: int = -1
     model_overrides: dict = field(default_factory=dict)
     name: str = ""
 
@@ -66,6 +72,8 @@ class TrainConfig:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be divisible by accum_steps ({self.accum_steps})"
             )
+        if not isinstance(self.text_trainable_layers, int) or self.text_trainable_layers < -1:
+            raise ValueError(f"text_trainable_layers must be an int >= -1, got {self.text_trainable_layers!r}")
         for n in ("log_every", "eval_every", "save_every"):
             if not isinstance(getattr(self, n), int) or getattr(self, n) < 0:
                 raise ValueError(f"{n} must be an int >= 0, got {getattr(self, n)!r}")
