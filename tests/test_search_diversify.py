@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from medseek.search.diversify import DEFAULT_CAPS, Skip, diversify
+from medseek.search.diversify import (DEFAULT_CAPS, DUP_CEILING, Skip, calibrate_dup_threshold,
+                                      diversify, pairwise_cosine_quantile)
 
 # four 2-D unit vectors: 1 is close to 0, 3 lies between 0 and 2
 EMBS = np.array([[1.0, 0.0], [0.96, 0.28], [0.0, 1.0], [0.6, 0.8]])
@@ -127,3 +128,44 @@ def test_errors_name_the_argument():
         diversify(rel, embs, dup_threshold=1.5)
     with pytest.raises(ValueError, match="scores must be finite"):
         diversify(np.full(8, np.nan), embs)
+
+
+def test_pairwise_cosine_quantile_is_over_distinct_pairs():
+    rng = np.random.default_rng(8)
+    e = rng.standard_normal((40, 6))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    pairs = [float(e[i] @ e[j]) for i in range(40) for j in range(i + 1, 40)]  # no self-pairs
+    for q in (0.5, 0.9, 0.999):
+        assert pairwise_cosine_quantile(e, q) == pytest.approx(np.quantile(pairs, q), abs=1e-12)
+    assert pairwise_cosine_quantile(e[:1], 0.999) is None  # one vector: no pair
+    with pytest.raises(ValueError, match="sample"):
+        pairwise_cosine_quantile(2 * e, 0.999)
+    with pytest.raises(ValueError, match="quantile"):
+        pairwise_cosine_quantile(e, 1.5)
+
+
+@pytest.mark.parametrize("floor, q, want", [
+    (0.98, 0.5, 0.98),          # a spread collection: the configured threshold applies
+    (0.98, 0.9985, 0.9985),     # a packed one: its 99.9th percentile pair
+    (0.98, 1.0, DUP_CEILING),   # never above the ceiling: exact duplicates still go
+    (0.99995, 1.0, 0.99995),    # the configured floor is kept even above the ceiling
+    (0.98, None, 0.98),         # no estimate
+])
+def test_calibrated_threshold_is_floor_or_rare_pair(floor, q, want):
+    assert calibrate_dup_threshold(floor, q) == pytest.approx(want, abs=1e-15)
+
+
+def test_calibrated_threshold_keeps_k_in_a_packed_set_and_drops_exact_copies():
+    # a narrow cone: every pair above 0.98, so the absolute threshold leaves one pick
+    rng = np.random.default_rng(9)
+    centre = rng.standard_normal(16)
+    e = centre / np.linalg.norm(centre) + 0.02 * rng.standard_normal((60, 16))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    e[5] = e[0]  # an exact copy of the best candidate
+    rel = e @ e[0]
+    assert diversify(rel, e, k=10, dup_threshold=0.98).selected.size < 3
+    t = calibrate_dup_threshold(0.98, pairwise_cosine_quantile(e, 0.999))
+    assert 0.98 < t <= DUP_CEILING
+    d = diversify(rel, e, k=10, dup_threshold=t)
+    assert d.selected.size == 10 and 5 not in d.selected.tolist()
+    assert d.skipped[5] == Skip("near_duplicate", 0)

@@ -112,8 +112,13 @@ def test_text_query_ranks_the_matching_report_first_with_concepts(client, ingest
     assert resp.hits[0].item.source_document == "doc-r-effusion"
     assert [c.name for c in resp.hits[0].concepts]  # shared concepts explain the match
     assert resp.timings_ms["ann"] >= 0 and resp.candidates == 4  # K' covers every report
+    # diversified: the near-duplicate threshold applied is reported (floor 0.98, raised to
+    # the collection's pairwise-cosine quantile), and no hits were lost to it here
+    assert resp.HasField("dup_threshold") and 0.98 <= resp.dup_threshold <= 0.9999
+    assert resp.near_duplicate_shortfall == 0 and resp.notice == ""
     plain = client.search(pb.SearchRequest(text="pleural effusion", k=3))
     assert plain.candidates == 3  # no rerank, no diversification: only k are fetched
+    assert not plain.HasField("dup_threshold")
 
 
 def test_image_and_volume_queries_find_their_own_content(client, ingested):

@@ -128,6 +128,63 @@ def test_organ_search_reranks_volumes_by_the_organ_chunks(client):
     assert client.search(pb.SearchRequest(item_id="org-C", k=1)).hits
 
 
+def test_volume_query_with_an_organ_reranks_like_the_stored_item(client):
+    # the volume bytes of an ingested item, with its organ's z-range, must rank as the
+    # item_id query does (which reads the stored volume and organ embeddings); the volume
+    # query also finds the stored item itself, which item_id leaves out
+    q = [block(40), block(41), block(42)]
+    air = np.full((DEPTH, 16, 16), -1000.0)
+    vols = {"Q": q, "A": [q[0], air, q[2]], "B": [air, q[1], air],
+            "C": [q[0], block(43), q[2]]}
+    items = [pb.IngestItem(id=f"vq-{n}", volume=nifti(v), body_part="pelvis",
+                           labels=[f"l{n}"], regions=[] if n == "C" else [liver(16, 31)])
+             for n, v in vols.items()]
+    assert client.ingest(items).inserted == 4
+    pelvis = pb.Filters(body_part=["pelvis"])
+    by_id = client.search(pb.SearchRequest(item_id="vq-Q", k=3, filters=pelvis,
+                                           region=pb.Region(name="liver"))).hits
+    by_bytes = client.search(pb.SearchRequest(volume=nifti(q), k=4, filters=pelvis,
+                                              region=liver(16, 31))).hits
+    assert by_bytes[0].id == "vq-Q" and by_bytes[0].region_score == pytest.approx(1, abs=1e-4)
+    rest = by_bytes[1:]
+    assert [h.id for h in rest] == [h.id for h in by_id]
+    assert by_id[0].id == "vq-B"  # the organ, not the whole volume, decided the order
+    for got, want in zip(rest, by_id):
+        assert got.HasField("region_score") == want.HasField("region_score")
+        assert (got.matched_region, got.region_id) == (want.matched_region, want.region_id)
+        for name in ("score", "global_score", "region_score"):
+            assert getattr(got, name) == pytest.approx(getattr(want, name), abs=1e-4), name
+    # the query's organ pools the chunks of ITS z-range: slices 0-15 are chunk 0, so the
+    # stored item's liver (chunk 1) scores their cosine
+    got = {i.id: np.array(i.embedding) for i in client.get(
+        ["vq-Q/chunk/0", "vq-Q/region/liver"], with_embedding=True).items}
+    want = float(got["vq-Q/chunk/0"] @ got["vq-Q/region/liver"])
+    hits = client.search(pb.SearchRequest(volume=nifti(q), k=4, filters=pelvis,
+                                          region=liver(0, 15))).hits
+    own = next(h for h in hits if h.id == "vq-Q")
+    assert own.region_score == pytest.approx(want, abs=1e-4) and want < 0.9999
+    # Diagnose runs the same search path: the organ-reranked neighbours vote
+    diag = client.diagnose(pb.DiagnoseRequest(volume=nifti(q), k=4, filters=pelvis,
+                                              region=liver(16, 31)))
+    assert [h.id for h in diag.neighbours] == [h.id for h in by_bytes]
+
+
+@pytest.mark.parametrize("region, words", [
+    (liver(40, 50), "region.z_range: z_end 50 is past the volume's last slice 47"),
+    (liver(9, 3), "region.z_range: z_start 9 is after z_end 3"),
+    (pb.Region(name="liver"), "region.z_range: a volume query's region needs a z_range"),
+    (pb.Region(name="liver", box=pb.Box(x0=0, y0=0, x1=4, y1=4)), "region.box: a volume"),
+    (pb.Region(z_range=pb.ZRange(z_start=0, z_end=3)), "region.name: must be non-empty"),
+])
+def test_bad_query_organs_name_the_field_and_the_server_keeps_serving(client, region, words):
+    vol = nifti([block(1), block(2), block(3)])
+    for call in (lambda: client.search(pb.SearchRequest(volume=vol, k=2, region=region)),
+                 lambda: client.diagnose(pb.DiagnoseRequest(volume=vol, k=2, region=region))):
+        code, msg = _code(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and words in msg, msg
+    assert client.search(pb.SearchRequest(volume=vol, k=1)).hits
+
+
 @pytest.mark.parametrize("region, words", [
     (liver(40, 50), "z_end 50 is past the volume's last slice 47"),
     (liver(9, 3), "z_start 9 is after z_end 3"),

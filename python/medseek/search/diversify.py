@@ -25,6 +25,14 @@ and silently breaking it would mislead. With ``relax_caps=True`` the remaining s
 filled by continuing the same greedy MMR over the cap-skipped candidates with every cap
 lifted (near-duplicates stay excluded); those picks are flagged in ``relaxed``.
 ``lam = 1`` with no caps and no ``dup_threshold`` reproduces the plain top-k by relevance.
+
+An absolute ``dup_threshold`` means different things in different embedding spaces: a
+weakly trained model packs a whole collection into a narrow cone (median pairwise cosine
+0.9, a query's 10th neighbour at 0.998), where a fixed 0.98 calls nearly every candidate a
+duplicate of the first hit. :func:`calibrate_dup_threshold` raises the threshold to a high
+quantile of the collection's pairwise cosines, so a near-duplicate must be both above the
+configured floor and rarer than (by default) 1 in 1000 pairs of that collection; it never
+rises above :data:`DUP_CEILING`, so exact duplicates are always removed.
 """
 
 from __future__ import annotations
@@ -37,10 +45,15 @@ import numpy as np
 from ._checks import (as_float_array, check_count, check_finite_float, check_unit_interval,
                       check_unit_rows)
 
-__all__ = ["DEFAULT_CAPS", "Diversified", "Skip", "diversify"]
+__all__ = ["DEFAULT_CAPS", "DUP_CEILING", "Diversified", "Skip", "calibrate_dup_threshold",
+           "diversify", "pairwise_cosine_quantile"]
 
 #: Default provenance caps: one hit per patient and per study, two per source document.
 DEFAULT_CAPS: Mapping[str, int] = {"patient": 1, "study": 1, "document": 2}
+
+#: Highest near-duplicate threshold calibration may give: vectors this close (float32
+#: rounding of one vector is ~1e-7) are always duplicates, however packed the collection.
+DUP_CEILING = 0.9999
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,44 @@ class Diversified:
     mmr: np.ndarray
     relaxed: np.ndarray
     skipped: dict[int, Skip] = field(default_factory=dict)
+
+
+def pairwise_cosine_quantile(sample: np.ndarray, quantile: float) -> float | None:
+    """The ``quantile`` of the cosines between distinct rows of ``sample``.
+
+    Parameters
+    ----------
+    sample : np.ndarray, float32 or float64, shape (n, d)
+        L2-normalised vectors (a sample of a collection).
+    quantile : float in [0, 1]
+
+    Returns
+    -------
+    float, or None when ``sample`` has fewer than two rows (no pair).
+    """
+    e = as_float_array("sample", sample, 2)
+    check_unit_rows("sample", e)
+    q = check_unit_interval("quantile", quantile)
+    n = e.shape[0]
+    if n < 2:
+        return None
+    e64 = e.astype(np.float64)
+    cos = (e64 @ e64.T)[np.triu_indices(n, 1)]  # n (n - 1) / 2 pairs
+    return float(np.quantile(cos, q))
+
+
+def calibrate_dup_threshold(threshold: float, pair_quantile: float | None,
+                            ceiling: float = DUP_CEILING) -> float:
+    """Effective near-duplicate threshold: ``max(threshold, min(pair_quantile, ceiling))``.
+
+    ``pair_quantile`` is a high quantile of the collection's pairwise cosines
+    (:func:`pairwise_cosine_quantile`); None (no estimate) leaves ``threshold`` as it is.
+    The configured ``threshold`` is a floor; ``ceiling`` caps only the calibration.
+    """
+    threshold = check_finite_float("threshold", threshold)
+    if pair_quantile is None:
+        return threshold
+    return max(threshold, min(check_finite_float("pair_quantile", pair_quantile), ceiling))
 
 
 def _group_codes(name: str, values: object, n: int) -> np.ndarray:

@@ -15,7 +15,13 @@ embeddings; the truth):
    embedding; a region child with a ``z_range`` whose parent has chunk children
    (``chunk_collection``) gets the overlap-weighted organ embedding of those chunks
    instead; several crops of one region: the best-matching one counts.
-5. *diversify*: greedy MMR with provenance caps and near-duplicate removal.
+5. *diversify*: greedy MMR with provenance caps and near-duplicate removal. The
+   near-duplicate threshold is ``config.dup_threshold`` raised to a high quantile of the
+   collection's pairwise cosines (``config.dup_quantile``), estimated from a fixed-seed
+   sample of its stored vectors and cached per collection until its size changes by more
+   than ``config.dup_refresh`` (``SearchPipeline.dup_threshold``). When fewer than k hits
+   remain because the other candidates were near-duplicates of the hits, the result says
+   so (``SearchResult.near_duplicate_shortfall``, ``notice``).
 6. *explain*: shared concepts of query and hit, with a ``ConceptBank``.
 
 A batch of queries runs in two steps, which a server may put on different threads:
@@ -29,6 +35,7 @@ store-read stages of a batch run once, and each result reports the batch's time 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +46,7 @@ import numpy as np
 from medseek.index.records import ItemRecord
 
 from ._checks import check_count
+from .diversify import calibrate_dup_threshold, pairwise_cosine_quantile
 from .diversify import diversify as diversify_candidates
 from .explain import ConceptBank, ConceptMatch, explain as explain_hits
 from .query import RegionQuery, SearchConfig, SearchFilters
@@ -107,13 +115,44 @@ class Hit:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """Hits of one query, what was skipped and why, and per-stage timings (seconds)."""
+    """Hits of one query, what was skipped and why, and per-stage timings (seconds).
+
+    Attributes
+    ----------
+    hits : list of Hit
+    timings : dict of str to float
+    candidates : int
+        Live candidates ranked.
+    skipped : list of (id, reason)
+        Candidates diversification excluded, e.g. ``("b", "near_duplicate of a")``.
+    stale : int
+        Row keys the index returned that the store no longer holds.
+    dup_threshold : float or None
+        The near-duplicate threshold applied (configured floor, calibrated to the
+        collection); None when no near-duplicate removal ran.
+    near_duplicate_shortfall : int
+        When fewer than k hits came back: how many of the missing ones the candidates
+        dropped as near-duplicates of the hits account for (at most ``k - len(hits)``);
+        0 when k hits came back or none was dropped as a near-duplicate.
+    """
 
     hits: list[Hit]
     timings: dict[str, float]
     candidates: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
     stale: int = 0
+    dup_threshold: float | None = None
+    near_duplicate_shortfall: int = 0
+
+    @property
+    def notice(self) -> str | None:
+        """Why fewer hits than asked for came back, when near-duplicates are the reason."""
+        if not self.near_duplicate_shortfall:
+            return None
+        n_dup = sum(reason.startswith("near_duplicate") for _, reason in self.skipped)
+        return (f"{len(self.hits)} hits, up to {self.near_duplicate_shortfall} fewer than "
+                f"asked for: {n_dup} other candidates were near-duplicates (cosine >= "
+                f"{self.dup_threshold:.4f}) of these hits")
 
 
 @dataclass(frozen=True)
@@ -160,6 +199,9 @@ class SearchPipeline:
             raise ValueError("catalog must be built on the same store file as store")
         self.catalog, self.store, self.config, self.concepts = catalog, store, config, concepts
         self.reader = StoreReader(store)
+        # (collection, dup_quantile, dup_sample) -> (size when estimated, pair quantile)
+        self._dup_cache: dict[tuple, tuple[int, float | None]] = {}
+        self._dup_lock = threading.Lock()
 
     def close(self) -> None:
         self.reader.close()
@@ -252,6 +294,9 @@ class SearchPipeline:
                       if any(r.z_range is not None for r in rows)]
             chunks = self.reader.children(with_z, self.config.chunk_collection) if with_z else {}
         shared_rerank = time.perf_counter() - t
+        t = time.perf_counter()
+        dup = self.dup_threshold(collection) if diversify else None  # cached: cheap
+        shared_diversify = time.perf_counter() - t
         ranked = []
         for qi in range(n_q):
             region_vec = None
@@ -259,7 +304,7 @@ class SearchPipeline:
                 e = region.embedding
                 region_vec = e if e.ndim == 1 else e[qi]
             ranked.append(self._rank(per_query[qi], queries[qi], k, region, region_vec,
-                                     regions, chunks, diversify, explain, timings[qi]))
+                                     regions, chunks, diversify, explain, timings[qi], dup))
         # the hits' full records: one read for the batch
         t = time.perf_counter()
         wanted = [r[1] for r in ranked if r is not None]
@@ -273,13 +318,51 @@ class SearchPipeline:
             tm.update(batch.timings)
             tm["fetch"] += shared_fetch
             tm["rerank"] += shared_rerank if region is not None else 0.0
+            tm["diversify"] += shared_diversify
             tm["total"] = batch.timings["filter"] + batch.timings["ann"] + (
                 time.perf_counter() - t_start)
             if per_query[qi] is None:  # no live candidate: every valid key was stale
-                results.append(SearchResult([], tm, 0, stale=int(valid[qi].sum())))
+                results.append(SearchResult([], tm, 0, stale=int(valid[qi].sum()),
+                                            dup_threshold=dup))
                 continue
-            results.append(self._hits(per_query[qi], ranked[qi], region, records, tm))
+            results.append(self._hits(per_query[qi], ranked[qi], region, records, tm, dup))
         return results
+
+    def dup_threshold(self, collection: str) -> float | None:
+        """The near-duplicate threshold diversification applies in ``collection``.
+
+        ``max(config.dup_threshold, min(q, DUP_CEILING))``, ``q`` the ``config.dup_quantile``
+        of the pairwise cosines of up to ``config.dup_sample`` of the collection's stored
+        vectors (fixed-seed sample). ``q`` is cached per collection and estimated again
+        only when the collection's size (its index's length) has changed by more than
+        ``config.dup_refresh`` of the size it was estimated at. None when
+        ``config.dup_threshold`` is None.
+        """
+        cfg = self.config
+        if cfg.dup_threshold is None:
+            return None
+        if cfg.dup_quantile is None:
+            return float(cfg.dup_threshold)
+        try:
+            size = len(self.catalog.index(collection))
+        except ValueError:  # no index: the collection holds nothing yet
+            return float(cfg.dup_threshold)
+        key = (collection, cfg.dup_quantile, cfg.dup_sample)
+        with self._dup_lock:  # shared by shallow copies of this pipeline
+            got = self._dup_cache.get(key)
+            if got is None or abs(size - got[0]) > cfg.dup_refresh * got[0]:
+                got = (size, self._pair_quantile(collection, cfg.dup_quantile,
+                                                 cfg.dup_sample))
+                self._dup_cache[key] = got
+        return calibrate_dup_threshold(cfg.dup_threshold, got[1])
+
+    def _pair_quantile(self, collection: str, quantile: float, sample: int) -> float | None:
+        """``quantile`` of the pairwise cosines of a fixed-seed sample of ``collection``'s
+        stored vectors (the store's, which diversification compares too)."""
+        keys = self.store.filter_row_keys(collection)
+        if keys.size > sample:
+            keys = np.sort(np.random.default_rng(0).choice(keys, sample, replace=False))
+        return pairwise_cosine_quantile(self.reader.candidates(keys).embeddings, quantile)
 
     # -- one query, after the ANN stage ----------------------------------------------------
     @staticmethod
@@ -304,9 +387,10 @@ class SearchPipeline:
         return ids, prov, cands.row_keys[rows], cands.embeddings[rows], global_scores, stale
 
     def _rank(self, c, query, k, region, region_vec, regions, chunks, diversify, explain,
-              timings):
+              timings, dup_threshold):
         """Rerank, diversify, explain one query's candidates: (picks, their row keys,
-        ranked, region_sims, region_ids, relaxed, explanations, skipped), or None."""
+        ranked, region_sims, region_ids, relaxed, explanations, skipped, near-duplicate
+        shortfall), or None."""
         if c is None:
             return None
         ids, prov, row_keys, embs, global_scores, _ = c
@@ -326,14 +410,18 @@ class SearchPipeline:
         t = time.perf_counter()
         skipped: list[tuple[str, str]] = []
         relaxed = np.zeros(min(k, order.size), dtype=bool)
+        shortfall = 0
         if diversify:
             ordered_prov = {key: [prov[key][i] for i in order] for key in self.config.caps}
             div = diversify_candidates(
                 ranked[order], embs[order], ordered_prov, k, self.config.lam, self.config.caps,
-                self.config.dup_threshold, relax_caps=self.config.relax_caps)
+                dup_threshold, relax_caps=self.config.relax_caps)
             picks, relaxed = order[div.selected], div.relaxed
             for j, why in sorted(div.skipped.items()):
                 skipped.append((ids[order[j]], f"{why.reason} of {ids[order[why.by]]}"))
+            if picks.size < k:
+                n_dup = sum(why.reason == "near_duplicate" for why in div.skipped.values())
+                shortfall = min(k - int(picks.size), n_dup)
         else:
             picks = order[:k]
         timings["diversify"] = time.perf_counter() - t
@@ -346,12 +434,13 @@ class SearchPipeline:
                                         self.concepts.names, self.config.explain_top)
         timings["explain"] = time.perf_counter() - t
         return (picks, row_keys[picks], ranked, region_sims, region_ids, relaxed,
-                explanations, skipped)
+                explanations, skipped, shortfall)
 
     @staticmethod
-    def _hits(c, r, region, records, timings) -> SearchResult:
+    def _hits(c, r, region, records, timings, dup_threshold) -> SearchResult:
         ids, _, row_keys, _, global_scores, stale = c
-        picks, _, ranked, region_sims, region_ids, relaxed, explanations, skipped = r
+        (picks, _, ranked, region_sims, region_ids, relaxed, explanations, skipped,
+         shortfall) = r
         hits = []
         for n, i in enumerate(picks):
             stored = records.get(int(row_keys[i]))
@@ -366,7 +455,7 @@ class SearchPipeline:
                 record=stored.record,
                 matched_region=region.name if region is not None and has_region else None,
                 region_id=region_ids[i], explanation=explanations[n], relaxed=bool(relaxed[n])))
-        return SearchResult(hits, timings, len(ids), skipped, stale)
+        return SearchResult(hits, timings, len(ids), skipped, stale, dup_threshold, shortfall)
 
     def _region_embeddings(
         self, ids: list[str], name: str, query: np.ndarray, regions: dict, chunks: dict

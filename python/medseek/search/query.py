@@ -34,7 +34,18 @@ class SearchConfig:
     caps : mapping of str to (int or None)
         Most hits per provenance group; keys from ``PROVENANCE_FIELDS``.
     dup_threshold : float, optional
-        Cosine at or above which a candidate is a near-duplicate of a hit. None: off.
+        Floor of the near-duplicate threshold: a candidate whose cosine to a hit is at or
+        above the effective threshold is dropped. None: no near-duplicate removal.
+    dup_quantile : float in (0, 1), optional
+        Calibration of the threshold to the collection: effective threshold =
+        ``max(dup_threshold, min(q, DUP_CEILING))`` with ``q`` this quantile of the
+        collection's pairwise cosines (so a near-duplicate is also rarer than 1 in 1000
+        pairs at 0.999). None: ``dup_threshold`` applies as is.
+    dup_sample : int >= 2
+        Stored vectors sampled (fixed seed) to estimate that quantile.
+    dup_refresh : float >= 0
+        The estimate is cached per collection and redone when the collection's size has
+        changed by more than this fraction since.
     rerank_alpha : float in [0, 1]
         Weight of the region cosine in the reranked score.
     missing_region_penalty : float >= 0
@@ -52,6 +63,9 @@ class SearchConfig:
     lam: float = 0.7
     caps: Mapping[str, int | None] = field(default_factory=lambda: dict(DEFAULT_CAPS))
     dup_threshold: float | None = 0.98
+    dup_quantile: float | None = 0.999
+    dup_sample: int = 1024
+    dup_refresh: float = 0.1
     rerank_alpha: float = 0.5
     missing_region_penalty: float = MISSING_PENALTY
     relax_caps: bool = False
@@ -80,6 +94,12 @@ class SearchConfig:
             t = check_finite_float("dup_threshold", self.dup_threshold)
             if not -1.0 <= t <= 1.0:
                 raise ValueError(f"dup_threshold must be in [-1, 1] or None, got {t}")
+        if self.dup_quantile is not None:
+            q = check_finite_float("dup_quantile", self.dup_quantile)
+            if not 0.0 < q < 1.0:
+                raise ValueError(f"dup_quantile must be in (0, 1) or None, got {q}")
+        check_count("dup_sample", self.dup_sample, 2)
+        check_finite_float("dup_refresh", self.dup_refresh, 0.0)
 
 
 @dataclass(frozen=True)

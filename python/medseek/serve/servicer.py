@@ -229,13 +229,19 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 self._search_pool, self._stored_query, request.item_id, region_name)
             collection, exclude = collection or stored_coll, request.item_id
         else:
+            if region_name and kind == "volume":
+                self._check_organ_region(request.region)  # before the work of decoding
             dec = await self._decode(kind, getattr(request, kind), kind)
-            query = await self._encode(kind, kind, dec.payload)
             collection = collection or ing.DEFAULT_COLLECTION[kind]
-            if region_name:
+            if region_name and kind == "volume":
+                query, region_emb = await self._volume_organ_query(dec, request.region)
+            else:
+                query = await self._encode(kind, kind, dec.payload)
+            if region_name and kind != "volume":
                 if kind != "image" or not request.region.HasField("box"):
                     raise ing.InvalidField("region.box", "a region rerank needs an image query "
-                                                         "with a box, or an item_id query")
+                                                         "with a box, a volume query with a "
+                                                         "z_range, or an item_id query")
                 crop = ing.crop(dec.pixels, request.region.box, "region.box",
                                 self.config.preprocess)
                 region_emb = await self._encode("image", "region.box", crop)
@@ -252,6 +258,10 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         hits = [h for h in result.hits if h.id != exclude][:k] if result is not None else []
         resp = pb.SearchResponse(request_id=request.request_id,
                                  candidates=result.candidates if result is not None else 0)
+        if result is not None and result.dup_threshold is not None:
+            resp.dup_threshold = result.dup_threshold
+            resp.near_duplicate_shortfall = result.near_duplicate_shortfall
+            resp.notice = result.notice or ""
         for h in hits:
             hit = resp.hits.add(id=h.id, score=h.score, global_score=h.global_score,
                                 matched_region=h.matched_region or "",
@@ -266,6 +276,39 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             resp.timings_ms[stage] = seconds * 1e3
             self.metrics.stage.labels(stage).observe(seconds)
         return resp
+
+    def _check_organ_region(self, region) -> tuple[int, int]:
+        """A volume query's organ: its z-range (slices as uploaded), checked for shape."""
+        if region.HasField("box"):
+            raise ing.InvalidField("region.box", "a volume query's region is an organ: give "
+                                                 "a z_range (its slices), not a box")
+        if not region.HasField("z_range"):
+            raise ing.InvalidField("region.z_range", "a volume query's region needs a z_range "
+                                                     "(the organ's slices, first..last)")
+        if not hasattr(self.encoder, "encode_volume_chunks"):
+            raise ing.InvalidField("region", "an organ rerank needs chunk embeddings, which "
+                                             "this server's encoder does not give")
+        z0, z1 = int(region.z_range.z_start), int(region.z_range.z_end)
+        if z0 > z1:
+            raise ing.InvalidField("region.z_range", f"z_start {z0} is after z_end {z1}")
+        return z0, z1
+
+    async def _volume_organ_query(self, dec: ing.Decoded, region):
+        """Query and organ embeddings of a volume query with ``region.z_range``: one encoder
+        pass gives the volume and chunk embeddings; the organ pools the chunks covering
+        its slices, weighted by overlap, as a volume ingest stores it (``_prepare_volume``)."""
+        z0, z1 = self._check_organ_region(region)
+        if z1 >= dec.source_depth:
+            raise ing.InvalidField("region.z_range", f"z_end {z1} is past the volume's last "
+                                                     f"slice {dec.source_depth - 1}")
+        enc = await self._encode("volume_chunks", "volume", dec.payload)
+        z = ing.source_z_ranges(enc.z_range, dec.z_scale, dec.source_depth,
+                                dec.payload.shape[0])
+        organ = organ_embedding(enc.chunks, z, (z0, z1))
+        if organ is None:
+            raise ing.InvalidField("region.z_range", "the chunks covering it have no usable "
+                                                     "embedding")
+        return enc.volume, organ
 
     def _stored_query(self, item_id: str, region_name: str):
         # the pipeline's read-only connection of this thread: no wait on the index thread
