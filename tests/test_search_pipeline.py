@@ -1,6 +1,7 @@
 """SearchPipeline end to end on a real SQLite store and FAISS catalog in tmp_path."""
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
@@ -266,3 +267,111 @@ def test_config_and_query_errors(env):
         pipe.search("image", data["query"], region=two)
     with pytest.raises(ValueError, match="collection 'volume' has no index"):
         pipe.search("volume", data["query"])
+
+
+def _same_results(a, b):
+    """Every field but the timings (hits compare exactly: ids, scores, records, ...)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.hits and x.hits == y.hits
+        assert dataclasses.replace(x, timings={}) == dataclasses.replace(y, timings={})
+
+
+def test_ann_then_finish_on_other_threads_is_search(env):
+    pipe, store, catalog, data = env
+    rng = np.random.default_rng(7)
+    queries = np.vstack([data["query"], data["embs"][50],
+                         unit(data["query"] + 0.3 * rng.standard_normal(DIM))])
+    other_qr = unit(rng.standard_normal(RDIM))
+    bank = ConceptBank(("near_query", "far"), np.vstack([data["query"], data["embs"][-1]]))
+    cases = [  # (filters, region, diversify)
+        (None, None, False),
+        (None, None, True),
+        (SearchFilters(labels_any=["fracture"]), None, True),
+        (SearchFilters(exclude_patients=["P0", "P1"]), None, False),
+        (None, RegionQuery("distal_radius", data["qr"]), False),
+        (None, RegionQuery("distal_radius", np.vstack([data["qr"], other_qr, data["qr"]])),
+         True),
+        (SearchFilters(modality="CR"), RegionQuery("distal_radius", data["qr"]), True),
+    ]
+    with SearchPipeline(catalog, store, pipe.config, concepts=bank) as p, \
+            ThreadPoolExecutor(1) as index_thread, ThreadPoolExecutor(1) as search_thread:
+        for filters, region, diversify in cases:
+            expected = p.search("image", queries, k=8, filters=filters, region=region,
+                                diversify=diversify)
+            batch = index_thread.submit(p.ann, "image", queries, 8, filters).result()
+            got = search_thread.submit(p.finish, batch, region, diversify).result()
+            _same_results(got, expected)
+            assert all(len(r.hits) == 8 and r.stale == 0 for r in got)
+            assert got[0].hits[0].explanation is not None
+            if region is None:
+                assert ids(got[0]) != ids(got[1])  # the queries do differ
+            if filters is not None and filters.modality == "CR":
+                assert all(h.record.modality == "CR" for r in got for h in r.hits)
+            # the batch's shared reads give each query what it gets alone
+            for qi, r in enumerate(got):
+                reg = region
+                if region is not None and region.embedding.ndim == 2:
+                    reg = RegionQuery(region.name, region.embedding[qi])
+                alone = p.search("image", queries[qi], k=8, filters=filters, region=reg,
+                                 diversify=diversify)
+                assert ids(r) == ids(alone) and r.skipped == alone.skipped
+                assert [h.region_id for h in r.hits] == [h.region_id for h in alone.hits]
+                np.testing.assert_allclose([h.score for h in r.hits],
+                                           [h.score for h in alone.hits], rtol=1e-6)
+        # ann's defaults are search's: k = config.k, no filters
+        default = p.finish(p.ann("image", queries[:1]))
+        _same_results(default, [p.search("image", queries[0])])
+        assert len(default[0].hits) == p.config.k
+
+
+def test_finish_drops_rows_deleted_after_the_ann(env, monkeypatch):
+    pipe, store, catalog, data = env
+    queries = np.vstack([data["query"], data["embs"][50]])
+    region = RegionQuery("distal_radius", data["qr"])
+    before = pipe.finish(pipe.ann("image", queries, 10), diversify=False)
+    cases = [(None, False), (region, False), (None, True), (region, True)]
+    batches = [pipe.ann("image", queries, 10) for _ in cases]
+    gone = {"img-000", "img-002", "img-050", "img-051"}
+    assert gone & set(ids(before[0])) and "img-050" in ids(before[1])
+    store.delete(sorted(gone))  # acknowledged between the ANN and the store reads
+    # a new item takes no deleted row key: it is not what the stale keys point at
+    store.upsert([ItemRecord("img-new", "image")], data["query"][None])
+    for (reg, div), batch in zip(cases, batches):
+        res = pipe.finish(batch, reg, diversify=div)
+        for r in res:
+            assert not gone & set(ids(r)) and "img-new" not in ids(r)
+            assert r.stale == len(gone) and r.candidates == N - len(gone)
+            assert len(r.hits) == 10
+        if reg is None and not div:  # the survivors in their order
+            assert ids(res[0]) == [f"img-{i:03d}" for i in (1, 3, 4, 5, 6, 7, 8, 9, 10, 11)]
+    # deleted between the candidates' read and the hits' records: dropped, counted
+    batch = pipe.ann("image", queries[:1], 5)
+    read_items = pipe.reader.items
+
+    def delete_then_read(row_keys, **kw):
+        store.delete(["img-003"])
+        return read_items(row_keys, **kw)
+
+    monkeypatch.setattr(pipe.reader, "items", delete_then_read)
+    (res,) = pipe.finish(batch, diversify=False)
+    assert ids(res) == ["img-001", "img-004", "img-005", "img-006"] and res.stale == 5
+    monkeypatch.undo()
+    # every candidate gone: no hit, every key stale
+    batch = pipe.ann("image", queries, 10)
+    store.delete([f"img-{i:03d}" for i in range(N)] + ["img-new"])
+    empty = pipe.finish(batch, region, diversify=True)
+    assert [(r.hits, r.candidates, r.stale) for r in empty] == [([], 0, N)] * 2  # not synced
+
+
+def test_finish_drops_rows_moved_to_another_collection_after_the_ann(env):
+    pipe, store, _, data = env
+    batch = pipe.ann("image", data["query"][None], 5)
+    moved = store.get(["img-001"], with_embeddings=True)["img-001"]
+    store.upsert([dataclasses.replace(moved.record, collection="report")],
+                 moved.embedding[None])
+    assert store.get(["img-001"])["img-001"].row_key == moved.row_key  # same key, moved
+    (res,) = pipe.finish(batch, diversify=False)
+    # the other candidates fill in: K' = 200 were fetched for k = 5
+    assert ids(res) == ["img-000", "img-002", "img-003", "img-004", "img-005"]
+    assert res.stale == 1 and res.candidates == N - 1

@@ -4,6 +4,7 @@ sheet) through the real gRPC client against a real server on port 0."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -74,3 +75,40 @@ def test_serve_config_loads_toml_with_secrets_from_files(tmp_path):
                                         '[encode_batch]\nmax_queue = 0\n')
     with pytest.raises(ValueError, match="max_queue must be >= 1, got 0"):
         load_config(tmp_path / "bad2.toml")
+
+
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_serve_limits_blas_threads_unless_the_user_set_them(monkeypatch, tmp_path):
+    import numpy  # noqa: F401 - its OpenBLAS is loaded, as under the medseek CLI
+    from threadpoolctl import threadpool_limits
+
+    from medseek.serve import commands
+
+    raised = threadpool_limits(2, user_api="blas")  # so that 1 below is the limit's doing
+    try:
+        assert _blas_threads() and set(_blas_threads()) == {2}
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")  # the user's choice is kept
+        assert commands.limit_blas_threads() is None and set(_blas_threads()) == {2}
+        monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+        limiters, seen, limit = [], [], commands.limit_blas_threads
+        monkeypatch.setattr(commands, "limit_blas_threads",
+                            lambda: limiters.append(limit()))  # to undo it afterwards
+        monkeypatch.setattr(commands, "encoder_from_args", lambda args: "encoder")
+        monkeypatch.setattr("medseek.serve.server.serve", lambda cfg, encoder, ready: seen.append(
+            (cfg.port, encoder, _blas_threads(), os.environ.get("OPENBLAS_NUM_THREADS"))))
+        assert main(["serve", "--store", str(tmp_path / "s.db"), "--index-dir",
+                     str(tmp_path / "idx"), "--port", "0"]) == 0
+        try:
+            assert len(limiters) == 1 and limiters[0] is not None
+            (port, encoder, threads, env), = seen  # the limit holds while the server runs
+            assert (port, encoder, env) == (0, "encoder", "1") and set(threads) == {1}
+        finally:
+            limiters[0].restore_original_limits()
+        assert set(_blas_threads()) == {2}
+    finally:
+        raised.restore_original_limits()

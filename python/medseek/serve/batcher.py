@@ -18,12 +18,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .config import BatchConfig
+
+log = logging.getLogger(__name__)
+
+
+def _guarded(fn, *args):
+    """``fn(*args)`` with ``StopIteration`` turned into ``RuntimeError``: an executor future
+    holding ``StopIteration`` never resolves its asyncio twin (asyncio refuses it)."""
+    try:
+        return fn(*args)
+    except StopIteration as exc:
+        raise RuntimeError(f"{getattr(fn, '__name__', fn)!s} raised StopIteration") from exc
 
 
 class QueueFull(Exception):
@@ -154,7 +166,8 @@ class MicroBatcher:
         payloads = [p for p, _ in live]  # with finish: holds a slot, released once finished
         self._recent.append(len(live))
         try:
-            output = await loop.run_in_executor(self.executor, self.run_batch, key, payloads)
+            output = await loop.run_in_executor(self.executor, _guarded, self.run_batch, key,
+                                                payloads)
             self._last_run_s = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
             if self.finish is not None:
@@ -172,7 +185,7 @@ class MicroBatcher:
                       t0: float) -> None:
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                self.finish_executor, self.finish, key, payloads, output)
+                self.finish_executor, _guarded, self.finish, key, payloads, output)
         except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
             results = [exc] * len(live)
         finally:
@@ -187,9 +200,14 @@ class MicroBatcher:
         for (_, fut), res in zip(live, results):
             if fut.done():
                 continue
+            if isinstance(res, StopIteration):  # asyncio refuses it as a future's exception
+                res = RuntimeError(f"{self.name} batch raised StopIteration: {res!r}")
             if isinstance(res, BaseException):
                 fut.set_exception(res)
             else:
                 fut.set_result(res)
         if self.on_batch is not None:
-            self.on_batch(self.name, len(live), time.perf_counter() - t0)
+            try:
+                self.on_batch(self.name, len(live), time.perf_counter() - t0)
+            except Exception:  # noqa: BLE001 - a metrics hook must not stop the batcher
+                log.exception("%s batcher: on_batch hook failed", self.name)

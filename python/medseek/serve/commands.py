@@ -81,8 +81,36 @@ def _client(args):
     return RetrievalClient(args.server, token=token)
 
 
+def limit_blas_threads():
+    """One BLAS thread for the server process, unless ``OPENBLAS_NUM_THREADS`` is set.
+
+    numpy's OpenBLAS threads spin (sched_yield) after every small matrix product of the
+    search threads (rerank, diversify, explain): about half the server's CPU, measured
+    (benchmarks/test_search.py). OpenBLAS reads the variable once, when it is loaded: it
+    covers the BLAS libraries loaded from now on, and threadpoolctl (installed with
+    scikit-learn) limits those loaded already (``medseek`` has imported numpy by the time
+    its handler runs). FAISS's own OpenBLAS is an OpenMP build that follows the OpenMP
+    thread count of the calling thread (``ServeConfig.faiss_threads``), not this limit.
+
+    Returns
+    -------
+    The threadpoolctl limiter (``restore_original_limits()`` undoes it), or None when the
+    user set ``OPENBLAS_NUM_THREADS``.
+    """
+    import os
+
+    if "OPENBLAS_NUM_THREADS" in os.environ:
+        return None
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
+
+
 def cmd_serve(args) -> int:
     import logging
+
+    limit_blas_threads()  # before the server loads more BLAS libraries
 
     from .config import ServeConfig, load_config
     from .server import serve
