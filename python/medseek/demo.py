@@ -1,36 +1,48 @@
-"""``medseek demo``: the main job, end to end over what medseek has today.
+"""``medseek demo``: the main job, end to end, the way a deployment runs it.
 
 1. reads real DICOM and NIfTI files (shipped in pydicom and nibabel), de-identifying
    the DICOM headers with keyed pseudonyms;
-2. builds small phantom corpora (chest radiographs from real report labels, wrist
-   radiographs with region boxes, CT volumes in HU) with their contact sheets;
-3. reads a phantom CT back from NIfTI and runs it through the C++ volume engine
-   (resample → window → chunk → 3D patches) and the chunked 3D ViT (untrained: shapes
-   and speed, not meaning), writing a PNG of its chunks;
-4. indexes real Indiana University chest X-ray reports (read from the installed
-   torchxrayvision package) in a SQLite store with a FAISS index, using the pretrained
-   MiniLM text tower joined with report concept vectors, and answers free-text queries
-   through the search pipeline (diversified hits, explained by shared findings);
-5. measures report→report retrieval (nDCG@10, MeSH label overlap) on that archive;
+2. builds small phantom corpora (chest radiographs from real IU report labels, wrist
+   radiographs with bone-region boxes, chest CT volumes in HU), trains the three demo
+   models on them with ``medseek train`` recipes (``demo-cxr``, ``demo-wrist``,
+   ``demo-ct``) and exports each to ONNX and a Triton model repository — or reuses all
+   of it from ``<out>/cache`` (keyed by sizes, seed, recipe, model config and code);
+3. runs a phantom CT through the C++ volume engine (resample -> window -> chunk) and the
+   trained chunked 3D ViT, writing a PNG of its chunks;
+4. per model, starts ``tritonserver`` (python backend running ONNX Runtime, CPU) and the
+   gRPC retrieval server (encoder: the Triton client), ingests the corpus through the gRPC
+   API, runs text->image, image->image, region-aware wrist and volume->volume queries,
+   prints the ranked hits (scores, provenance pseudonyms, matched region, explaining
+   concepts) and label-overlap nDCG@10 / precision@10 with bootstrap intervals on the
+   held-out split, writes PNG contact sheets, and stops both servers;
+5. indexes real Indiana University chest X-ray reports (read from the installed
+   torchxrayvision package) in a SQLite store with a FAISS index (pretrained MiniLM joined
+   with report concept vectors) and answers free-text queries, each hit explained by the
+   findings it shares with the query and the sentence asserting them;
+6. measures report->report retrieval (nDCG@10, MeSH label overlap) on that archive.
 
-and says what is still missing. Everything is written under ``--out``.
+Everything is written under ``--out``. The demo models train for minutes on a CPU: the
+point is the real path, not their accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import shutil
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
 
-MISSING = (
-    "trained image/volume encoders and the training recipes (issue 5)",
-    "ONNX/TensorRT export and Triton Inference Server serving (issue 6)",
-    "the gRPC retrieval service with image/volume queries (issue 7)",
-)
+INSTALL = 'pip install ".[demo]"  (from a medseek checkout; or pip install "medseek[demo]")'
+# modules of the [demo] extra (= [server,triton]) that the demo needs, by distribution
+DEMO_MODULES = {"grpc": "grpcio", "grpc_health": "grpcio-health-checking",
+                "grpc_reflection": "grpcio-reflection", "tritonclient.grpc": "tritonclient[grpc]",
+                "pytriton": "nvidia-pytriton", "onnx": "onnx", "onnxruntime": "onnxruntime",
+                "prometheus_client": "prometheus-client"}
 
 QUERIES = (
     "Large right pleural effusion with adjacent atelectasis.",
@@ -38,27 +50,70 @@ QUERIES = (
     "Calcified granuloma in the left upper lobe.",
     "No acute cardiopulmonary abnormality.",
 )
+IMAGE_TEXT_QUERIES = (
+    "Large right pleural effusion.",
+    "The heart is enlarged, consistent with cardiomegaly.",
+)
+VOLUME_TEXT_QUERY = "Solid nodule in the right lower lobe."
+WRIST_REGION = "distal radius"
+SITES = (  # site, corpus, recipe, kind
+    ("chest-xr", "synth-cxr", "demo-cxr", "image"),
+    ("wrist", "synth-wrist", "demo-wrist", "image"),
+    ("chest-ct", "synth-ct", "demo-ct", "volume"),
+)
+N_STEPS = 6
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="run the main job on real and phantom data",
+    parser = subparsers.add_parser("demo", help="run the main job end to end (Triton + gRPC)",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("medseek-demo"),
-                        help="output directory (default: ./medseek-demo)")
+                        help="output directory, also holding the build cache (default: ./medseek-demo)")
     parser.add_argument("--reports", type=int, default=400,
-                        help="IU reports to index (default 400; all 3,955 takes minutes)")
-    parser.add_argument("--n", type=int, default=8, help="cases per phantom corpus (default 8)")
+                        help="IU reports to index in step 5 (default 400; all 3,955 takes minutes)")
+    parser.add_argument("--n-cxr", type=int, default=120,
+                        help="IU reports rendered into synth-cxr (2 images each; default 120)")
+    parser.add_argument("--n-wrist", type=int, default=60, help="synth-wrist studies (default 60)")
+    parser.add_argument("--n-ct", type=int, default=8, help="synth-ct volumes (default 8)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps of every demo model (default: each recipe's)")
+    parser.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
 
 
+def check_extras() -> None:
+    """Refuse to start, naming the install command, when the [demo] extra is missing."""
+    import importlib.util
+
+    missing = []
+    for module, dist in DEMO_MODULES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            missing.append(dist)
+    if missing:
+        raise SystemExit(f"medseek demo needs the server and Triton extras; missing: "
+                         f"{', '.join(missing)}.\nInstall them with: {INSTALL}")
+
+
 def _step(i: int, title: str) -> float:
-    print(f"\n[{i}/5] {title}", flush=True)
+    print(f"\n[{i}/{N_STEPS}] {title}", flush=True)
     return time.perf_counter()
 
 
 def _done(t0: float) -> None:
     print(f"      ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+
+def _log(line: str) -> None:
+    print(f"      {line}", flush=True)
+
+
+def _indent(text: str, pad: str = "        ") -> str:
+    return "\n".join(pad + line for line in text.splitlines())
 
 
 def demo_io() -> None:
@@ -80,33 +135,39 @@ def demo_io() -> None:
           f"spacing (z,y,x) {tuple(round(s, 3) for s in vol.spacing)} mm")
 
 
-def demo_volume(out: Path, ct_records: list) -> None:
+def demo_volume(out: Path, ct) -> None:
     import torch
 
     from medseek import volume as mv
     from medseek.io import read_nifti
     from medseek.models.factory import create_model
+    from medseek.train.checkpoint import load_model_weights
 
-    volume_row = next(r for r in ct_records if r.kind == "volume")
-    vol = read_nifti(out / "synth-ct" / volume_row.path)
-    model = create_model("ct-tiny").visual.eval()
+    from .demo_service import split_corpus
+
+    row = split_corpus(ct.corpus, "volume").queries[0]
+    vol = read_nifti(ct.corpus / row.path)
+    dual = create_model("ct-demo")
+    load_model_weights(ct.run / "checkpoint.safetensors", dual)
+    dual.eval()
     target = 2.0
     t0 = time.perf_counter()
     res = mv.resample(vol.array, vol.spacing, target)
     win = mv.window(res, 40.0, 400.0)  # soft-tissue window, HU
     elapsed = time.perf_counter() - t0
-    print(f"      {volume_row.id}: {vol.array.shape} {vol.array.dtype} HU at "
+    print(f"      {row.id}: {vol.array.shape} {vol.array.dtype} HU at "
           f"{tuple(round(s, 3) for s in vol.spacing)} mm -> {res.shape} at {target} mm, "
           f"window 40/400: {elapsed * 1e3:.1f} ms (C++)")
-    py, px = model.cfg.patch_size[1:]
+    py, px = dual.cfg.vision.patch_size[1:]
     h, w = (win.shape[1] // py) * py, (win.shape[2] // px) * px
     y0, x0 = (win.shape[1] - h) // 2, (win.shape[2] - w) // 2
     win = np.ascontiguousarray(win[:, y0:y0 + h, x0:x0 + w])  # a centred crop to whole patches
     with torch.no_grad():
-        enc = model.encode_volume_array(win)
-    print(f"      chunked 3D ViT (ct-tiny, untrained): {len(enc.z_start)} chunks of "
-          f"{enc.depth} slices at absolute z {enc.z_start.tolist()}, chunk embeddings "
-          f"{tuple(enc.chunks.shape)}, volume embedding {tuple(enc.volume.shape)}")
+        enc = dual.encode_volume_array(win)
+    print(f"      chunked 3D ViT with 3D RoPE (ct-demo, the demo-trained weights): "
+          f"{len(enc.z_start)} chunks of {enc.depth} slices at absolute z "
+          f"{enc.z_start.tolist()}, chunk embeddings {tuple(enc.chunks.shape)}, volume "
+          f"embedding {tuple(enc.volume.shape)}")
     _write_chunk_sheet(win, enc.z_start, enc.depth, out / "volume_chunks.png")
     print(f"      wrote {out / 'volume_chunks.png'} (mid-slice of each chunk)")
 
@@ -123,31 +184,125 @@ def _write_chunk_sheet(win: np.ndarray, z_start: np.ndarray, depth: int, path: P
     Image.fromarray(sheet).save(path, optimize=False)
 
 
-def demo_corpora(out: Path, n: int, seed: int) -> list:
-    from medseek.data.synth.ct import build_synth_ct
-    from medseek.data.synth.cxr import build_synth_cxr
-    from medseek.data.synth.wrist import build_synth_wrist
+def demo_models(out: Path, args, cache) -> dict:
+    from .demo_models import prepare
 
-    builders = {
-        "synth-cxr": lambda d: build_synth_cxr(d, n=n, seed=seed, progress=False),
-        "synth-wrist": lambda d: build_synth_wrist(d, n=n, seed=seed, progress=False),
-        # small in-plane matrices and few slices keep the demo quick
-        "synth-ct": lambda d: build_synth_ct(d, n=2, seed=seed, matrix=(96, 128),
-                                             slices=(40, 120), progress=False),
-    }
-    records = {}
-    for kind, build in builders.items():
-        target = out / kind
-        if target.exists():
-            shutil.rmtree(target)
+    sizes = {"synth-cxr": args.n_cxr, "synth-wrist": args.n_wrist, "synth-ct": args.n_ct}
+    models = {}
+    for site, corpus, recipe, _ in SITES:
+        models[site] = prepare(cache, site, corpus, sizes[corpus], recipe, args.steps,
+                               args.seed, _log)
+    for site, m in models.items():
+        ev = m.metrics
+        shown = [f"{key} {ev[key]:.3f}" for key in ("ndcg@10", "zero_shot_auroc")
+                 if isinstance(ev.get(key), (int, float))]
+        if shown:
+            _log(f"{site:11s} validation after training (tiny val split, n={ev.get('n')}): "
+                 + ", ".join(shown))
+    _log("these models are barely trained (minutes on a CPU): expect weak rankings; the "
+         "point is the real path")
+    return models
+
+
+def _query(site, req, title: str):
+    from .demo_service import format_hits
+
+    t0 = time.perf_counter()
+    resp = site.client.search(req, timeout=300.0)
+    print(f"\n      {title}  ({(time.perf_counter() - t0) * 1e3:.0f} ms round trip)")
+    print(_indent(format_hits(resp)))
+    return resp
+
+
+def demo_site(out: Path, name: str, model, kind: str, k: int, summary: dict) -> None:
+    """Start Triton + the gRPC server for one model, ingest, query, measure, stop."""
+    from .demo_service import (RunningSite, heldout_metrics, image_request, ingest,
+                               split_corpus)
+    from .serve.contact_sheet import write_contact_sheet
+    from .serve.v1 import retrieval_pb2 as pb
+
+    split = split_corpus(model.corpus, kind)
+    paths = {r.id: model.corpus / r.path for r in split.archive + split.queries}
+    sheets = out / "contact_sheets"
+    info = summary["sites"][name] = {"queries": {}, "metrics": {}, "sheets": []}
+
+    def sheet(resp, fname, rec=None, box_region=None):
+        query = (model.corpus / rec.path).read_bytes() if rec is not None else None
+        box = None
+        if rec is not None and box_region is not None:
+            b = next(r.box for r in rec.regions if r.name == box_region)
+            box = pb.Box(x0=b[0], y0=b[1], x1=b[2], y1=b[3])
+        path = write_contact_sheet(resp, sheets / fname, query_image=query, paths=paths,
+                                   query_name=rec.path if rec is not None else "",
+                                   query_caption=f"query {rec.id}" if rec is not None else "",
+                                   query_box=box)
+        info["sheets"].append(str(path))
+        _log(f"contact sheet {path}")
+
+    with RunningSite(name, model.repo, out / "service" / name, kind) as site:
+        _log(f"started {site.describe()}")
+        if name == "wrist":
+            _log("(explaining concepts come from the server's chest finding lexicon: "
+                 "for wrists they are shown, not meaningful)")
         t0 = time.perf_counter()
-        records[kind] = build(target)
-        print(f"      {kind:11s} {len(records[kind]):3d} manifest rows, contact sheet "
-              f"{target / 'contact_sheet.png'} ({time.perf_counter() - t0:.1f} s)")
-    return records["synth-ct"]
+        totals = ingest(site, model.corpus, split.archive, with_regions=(name == "wrist"))
+        stats = site.client.stats()
+        counts = ", ".join(f"{c.name} {c.items}" for c in stats.collections)
+        _log(f"ingested {len(split.archive)} {kind}s through gRPC Ingest in "
+             f"{time.perf_counter() - t0:.1f} s: {totals['inserted']} inserted, "
+             f"{totals['duplicates']} duplicates; store holds {counts}")
+        info["ingest"] = dict(totals, collections={c.name: c.items for c in stats.collections})
+
+        def record(label, resp):
+            info["queries"][label] = len(resp.hits)
+
+        if name == "chest-xr":
+            for i, text in enumerate(IMAGE_TEXT_QUERIES):
+                resp = _query(site, pb.SearchRequest(text=text, k=k, collection="image"),
+                              f"text -> image: {text!r}")
+                record(f"text->image {i}", resp)
+                if i == 0:
+                    sheet(resp, "chest-xr_text_to_image.png")
+        if name == "chest-ct":
+            resp = _query(site, pb.SearchRequest(text=VOLUME_TEXT_QUERY, k=k,
+                                                 collection="volume"),
+                          f"text -> volume: {VOLUME_TEXT_QUERY!r}")
+            record("text->volume", resp)
+        q = split.queries[0]
+        if name == "wrist":  # a held-out study with a distal radius fracture, if any
+            q = next((r for r in split.queries if "distal radius fracture" in r.labels
+                      and r.view == "PA"), q)
+        what = "volume -> volume" if kind == "volume" else "image -> image"
+        resp = _query(site, image_request(model.corpus, q, k),
+                      f"{what}: held-out {q.id} ({', '.join(q.labels)})")
+        record(what, resp)
+        sheet(resp, f"{name}_{kind}_to_{kind}.png", q)
+        if name == "wrist":
+            resp = _query(site, image_request(model.corpus, q, k, WRIST_REGION),
+                          f"region-aware: {q.id}, rerank by the {WRIST_REGION} box "
+                          f"(WristMIR two-stage)")
+            record("region rerank", resp)
+            sheet(resp, "wrist_region_rerank.png", q, WRIST_REGION)
+
+        # held-out metrics: every held-out item queries the archive through the API
+        t0 = time.perf_counter()
+        variants = [("global", None)]
+        if name == "wrist":
+            variants.append((f"region rerank ({WRIST_REGION})", WRIST_REGION))
+        print(f"\n      held-out retrieval ({split.query_split} split vs the archive, "
+              f"label-overlap relevance, 95% bootstrap CI):")
+        for label, region in variants:
+            resps = [site.client.search(image_request(model.corpus, r, k, region), timeout=300.0)
+                     for r in split.queries]
+            m = heldout_metrics(f"{name} {kind}->{kind} {label}", resps, split.queries,
+                                split.archive, k)
+            info["metrics"][label] = m.to_dict()
+            print(f"        {m.line(k)}")
+        _log(f"({time.perf_counter() - t0:.1f} s)")
+    _log(f"stopped the gRPC server and tritonserver of {name}")
 
 
-def demo_reports(out: Path, n_reports: int) -> tuple[np.ndarray, int, list]:
+def demo_reports(out: Path, n_reports: int, cache) -> tuple[np.ndarray, int, list]:
     from medseek.data.iu import load_iu_reports
     from medseek.index import Catalog, CatalogConfig, ItemRecord, Store, StoreConfig
     from medseek.models.text_tower import TextEncoder
@@ -159,9 +314,10 @@ def demo_reports(out: Path, n_reports: int) -> tuple[np.ndarray, int, list]:
     texts = [r.text for r in reports]
     encoder = TextEncoder()
     t0 = time.perf_counter()
-    text_emb = encoder.encode(texts, batch_size=32)
-    print(f"      embedded {len(texts)} real IU reports with pretrained MiniLM-L6 in "
-          f"{time.perf_counter() - t0:.1f} s")
+    text_emb = cached_report_embeddings(cache, encoder, texts)
+    state = "reused from the cache" if cache.hits[-1:] == ["iu-embeddings"] else "embedded"
+    print(f"      {state}: {len(texts)} real IU reports, pretrained MiniLM-L6 "
+          f"({time.perf_counter() - t0:.1f} s)")
     concepts = report_concepts(texts)
     emb = hybrid_embedding(text_emb, concepts)
     names = concept_names()
@@ -211,6 +367,18 @@ def demo_reports(out: Path, n_reports: int) -> tuple[np.ndarray, int, list]:
     return emb, text_emb.shape[1], reports
 
 
+def cached_report_embeddings(cache, encoder, texts: list[str]) -> np.ndarray:
+    """MiniLM embeddings of ``texts``, cached under the hash of the texts and the encoder
+    code (the cache holds vectors only, never report text)."""
+    from .demo_models import source_hash
+
+    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+    spec = {"texts": digest, "n": len(texts), "code": source_hash("models/text_tower.py")}
+    folder = cache.get("iu-embeddings", spec, lambda d: np.save(
+        d / "embeddings.npy", encoder.encode(texts, batch_size=32)))
+    return np.load(folder / "embeddings.npy")
+
+
 def _evidence_sentence(report, shared) -> str:
     """The report sentence that asserts the strongest shared concept (else the impression)."""
     from medseek.text.evidence import extract_evidence
@@ -227,45 +395,94 @@ def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def demo_eval(emb: np.ndarray, text_dim: int, reports: list) -> None:
+def demo_eval(emb: np.ndarray, text_dim: int, reports: list) -> dict:
     from medseek.data.iu import mesh_heading_matrix
     from medseek.eval.bootstrap import bootstrap_ci
     from medseek.eval.metrics import label_overlap_relevance, ndcg_at_k
 
     _, labels = mesh_heading_matrix(reports)
     relevance = label_overlap_relevance(labels, labels, mode="jaccard")
+    results = {}
     for name, vecs in (("MiniLM only", emb[:, :text_dim]), ("MiniLM + concepts", emb)):
         v = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
         scores = (v @ v.T).astype(np.float64)
         np.fill_diagonal(scores, -np.inf)
         mean, lo, hi = bootstrap_ci(ndcg_at_k(scores, relevance, 10), n_boot=300, seed=0)
         print(f"      {name:18s} nDCG@10 {mean:.3f} [{lo:.3f}, {hi:.3f}]")
+        results[name] = [mean, lo, hi]
+    return results
 
 
 def run(args: argparse.Namespace) -> int:
     if args.reports < 20:
         raise SystemExit(f"medseek demo: --reports must be >= 20, got {args.reports}")
+    for name in ("n_cxr", "n_wrist", "n_ct"):
+        if getattr(args, name) < 4:
+            raise SystemExit(f"medseek demo: --{name.replace('_', '-')} must be >= 4, "
+                             f"got {getattr(args, name)}")
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"medseek demo: --steps must be >= 1, got {args.steps}")
+    if not 1 <= args.k <= 100:
+        raise SystemExit(f"medseek demo: -k must be in [1, 100], got {args.k}")
+    check_extras()
+    # SIGTERM unwinds like Ctrl-C, so every server started below is stopped on the way out
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # every server was stopped on the way out
+        print("\nmedseek demo: interrupted; tritonserver and the gRPC servers are stopped",
+              flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .demo_models import Cache
+
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    cache = Cache(out / "cache")
+    summary: dict = {"sites": {}, "steps_s": {}}
     t_all = time.perf_counter()
-    t0 = _step(1, "Medical image I/O: real DICOM and NIfTI, de-identified at read time")
-    demo_io()
+
+    def timed(i, title, fn, *a):
+        t0 = _step(i, title)
+        result = fn(*a)
+        summary["steps_s"][str(i)] = round(time.perf_counter() - t0, 2)
+        _done(t0)
+        return result
+
+    timed(1, "Medical image I/O: real DICOM and NIfTI, de-identified at read time", demo_io)
+    models = timed(2, "Corpora, training and export (medseek train, medseek.export; cached "
+                      f"under {cache.root})", demo_models, out, args, cache)
+    timed(3, "Volume engine: phantom CT (NIfTI) -> resample -> window -> chunk -> chunked "
+             "3D ViT", demo_volume, out, models["chest-ct"])
+    t0 = _step(4, "The service: tritonserver + gRPC retrieval server per model; ingest, "
+                  "query and measure through the gRPC API")
+    for site, _, _, kind in SITES:
+        print(f"\n    -- {site} --", flush=True)
+        demo_site(out, site, models[site], kind, args.k, summary)
+    summary["steps_s"]["4"] = round(time.perf_counter() - t0, 2)
     _done(t0)
-    t0 = _step(2, "Phantom corpora (label-conditioned; deterministic by seed)")
-    ct_records = demo_corpora(out, args.n, args.seed)
-    _done(t0)
-    t0 = _step(3, "Volume engine: phantom CT (NIfTI) -> resample -> window -> chunk -> 3D patches -> chunked ViT")
-    demo_volume(out, ct_records)
-    _done(t0)
-    t0 = _step(4, "Report archive: SQLite store + FAISS index, free-text queries")
-    emb, text_dim, reports = demo_reports(out, args.reports)
-    _done(t0)
-    t0 = _step(5, f"Report->report retrieval on the {len(reports)} archived reports "
+    emb, text_dim, reports = timed(5, "Report archive (in process): SQLite store + FAISS "
+                                      "index, free-text queries", demo_reports, out,
+                                   args.reports, cache)
+    t0 = _step(6, f"Report->report retrieval on the {len(reports)} archived reports "
                   "(relevance: MeSH label Jaccard)")
-    demo_eval(emb, text_dim, reports)
+    summary["reports"] = demo_eval(emb, text_dim, reports)
+    summary["steps_s"]["6"] = round(time.perf_counter() - t0, 2)
     _done(t0)
-    print(f"\nDone in {time.perf_counter() - t_all:.0f} s; outputs in {out}/")
-    print("Not in this version yet:")
-    for item in MISSING:
-        print(f"  - {item}")
+    summary["cache"] = {"hits": cache.hits, "misses": cache.misses}
+    summary["total_s"] = round(time.perf_counter() - t_all, 2)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\nDone in {summary['total_s']:.0f} s; outputs in {out}/ (summary.json, "
+          f"contact_sheets/, service/*/triton.log); cache: {len(cache.hits)} reused, "
+          f"{len(cache.misses)} built")
+    print("The demo models are barely trained (minutes on a CPU): their rankings show the "
+          "path works, not what trained models reach (benchmarks/RESULTS.md).")
     return 0
