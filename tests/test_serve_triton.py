@@ -18,6 +18,7 @@ from PIL import Image
 grpc = pytest.importorskip("grpc")  # the [server] extra
 pytest.importorskip("tritonclient.grpc")  # the [triton] extra
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc  # noqa: E402
 
 from medseek.encoders import EncoderSpec, OnnxRuntimeEncoder, TritonEncoder  # noqa: E402
 from medseek.encoders.triton_client import TritonEncoderConfig  # noqa: E402
@@ -196,8 +197,20 @@ def test_region_rerank_and_diversification_through_triton(client, ingested):
     client.delete(["rr-A", "rr-B"])
 
 
-def test_health_answers_while_triton_serves(client, ingested):
+def test_health_and_reflection_answer_while_triton_serves(client, ingested):
     with grpc.insecure_channel(f"127.0.0.1:{client.port}") as ch:
         health = health_pb2_grpc.HealthStub(ch).Check(
             health_pb2.HealthCheckRequest(service="medseek.v1.Retrieval"), timeout=5)
+        answers = list(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+    names = {s.name for s in answers[0].list_services_response.service}
+    assert {"medseek.v1.Retrieval", "grpc.health.v1.Health"} <= names
+
+
+def test_volume_chunks_through_triton_are_stored_as_children(client, ingested):
+    stats = {c.name: c for c in client.stats().collections}
+    assert stats["chunk"].items >= 2 and stats["chunk"].indexed == stats["chunk"].items
+    chunk = client.get(["vol-2/chunk/0"]).items[0]
+    assert chunk.parent_id == "vol-2" and chunk.collection == "chunk"
+    assert chunk.HasField("z_range") and chunk.z_range.z_start == 0 < chunk.z_range.z_end
