@@ -5,7 +5,6 @@ import shutil
 import threading
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
@@ -18,12 +17,7 @@ DIM = 8
 PER = {"chunk": FaissConfig(kind="hnsw", hnsw_m=8, ef_construction=40)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def unit_rows(n, seed):

@@ -21,13 +21,7 @@ HNSW = FaissConfig(kind="hnsw", hnsw_m=4, ef_construction=40, ef_search=64)
 CONFIGS = {"flat": FaissConfig(), "ivfpq": IVF, "hnsw": HNSW}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    # The CI box has 2 shared cores; OpenMP spinning across busy cores is 5-10x slower.
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def unit(x):

@@ -2,7 +2,6 @@
 collection (a barely trained model) still gives k hits, a spread one keeps the configured
 threshold, and a result short of k because of near-duplicates says so."""
 
-import faiss
 import numpy as np
 import pytest
 
@@ -16,12 +15,7 @@ from medseek.search.query import SearchConfig
 DIM, N, K = 16, 300, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def unit(x):

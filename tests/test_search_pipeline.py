@@ -3,7 +3,6 @@
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
-import faiss
 import numpy as np
 import pytest
 
@@ -18,12 +17,7 @@ from medseek.search.query import RegionQuery, SearchConfig, SearchFilters
 DIM, RDIM, N = 16, 8, 200
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def unit(x):

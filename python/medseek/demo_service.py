@@ -11,6 +11,7 @@ on Ctrl-C) stops the server, closes the encoder and stops tritonserver's process
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from contextlib import ExitStack
@@ -21,20 +22,19 @@ import numpy as np
 
 from medseek.data.manifest import ManifestRecord, read_manifest
 
-PSEUDONYM_KEY = None  # set lazily: DeidConfig.development() (a public key: demos only)
+@functools.cache
+def _pseudonym_key():
+    from medseek.io import DeidConfig
+
+    return DeidConfig.development()  # a public key: demos only
 
 
 def pseudonym(kind: str, value: str) -> str:
     """A keyed pseudonym of an identifier (the server never sees the corpus ids)."""
-    global PSEUDONYM_KEY
     if not value:
         return ""
-    if PSEUDONYM_KEY is None:
-        from medseek.io import DeidConfig
-
-        PSEUDONYM_KEY = DeidConfig.development()
     prefix = {"patient": "pt", "study": "st", "document": "doc"}[kind]
-    return f"{prefix}-{PSEUDONYM_KEY.digest(kind, value.encode()).hex()[:12]}"
+    return f"{prefix}-{_pseudonym_key().digest(kind, value.encode()).hex()[:12]}"
 
 
 @dataclass

@@ -277,6 +277,13 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             self.metrics.stage.labels(stage).observe(seconds)
         return resp
 
+    async def _encode_chunked(self, dec: ing.Decoded, field: str):
+        """One encoder pass over a decoded volume: its embeddings (``enc.volume``,
+        ``enc.chunks``) and each chunk's z-range in slices of the volume as uploaded."""
+        enc = await self._encode("volume_chunks", field, dec.payload)
+        return enc, ing.source_z_ranges(enc.z_range, dec.z_scale, dec.source_depth,
+                                        dec.payload.shape[0])
+
     def _check_organ_region(self, region) -> tuple[int, int]:
         """A volume query's organ: its z-range (slices as uploaded), checked for shape."""
         if region.HasField("box"):
@@ -301,9 +308,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         if z1 >= dec.source_depth:
             raise ing.InvalidField("region.z_range", f"z_end {z1} is past the volume's last "
                                                      f"slice {dec.source_depth - 1}")
-        enc = await self._encode("volume_chunks", "volume", dec.payload)
-        z = ing.source_z_ranges(enc.z_range, dec.z_scale, dec.source_depth,
-                                dec.payload.shape[0])
+        enc, z = await self._encode_chunked(dec, "volume")
         organ = organ_embedding(enc.chunks, z, (z0, z1))
         if organ is None:
             raise ing.InvalidField("region.z_range", "the chunks covering it have no usable "
@@ -437,9 +442,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 raise ing.InvalidField(f"items[{i}].regions", "organ regions need chunk "
                                        "embeddings, which this server's encoder does not give")
             return record, await self._encode("volume", field, dec.payload), []
-        enc = await self._encode("volume_chunks", field, dec.payload)
-        z = ing.source_z_ranges(enc.z_range, dec.z_scale, dec.source_depth,
-                                dec.payload.shape[0])
+        enc, z = await self._encode_chunked(dec, field)
         children = [(ing.chunk_record(record, n, zr, search.chunk_collection, field), emb)
                     for n, (zr, emb) in enumerate(zip(z, enc.chunks))]
         for j, organ in enumerate(organs):
