@@ -5,6 +5,7 @@ real in-process encoder (pretrained MiniLM text tower, seeded untrained tiny vis
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -52,18 +53,46 @@ def nifti_bytes(seed: int, nan: bool = False) -> bytes:
     return img.to_bytes()
 
 
+class GatedTextEncoder:
+    """A real encoder whose ``encode_texts`` waits at a gate while the gate is closed.
+
+    Tests hold a batch inside the encoder this way instead of racing a batching window
+    against the clock, so what they see does not depend on the machine's speed.
+    """
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.entered = threading.Event()  # a batch is waiting at the closed gate
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def encode_texts(self, texts):
+        if not self.gate.is_set():
+            self.entered.set()
+            self.gate.wait()
+        return self._inner.encode_texts(texts)
+
+
 @pytest.fixture(scope="module")
 def encoder():
     return LocalTorchEncoder(seed=0)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, encoder):
+def gated(encoder):
+    return GatedTextEncoder(encoder)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, gated):
     d = tmp_path_factory.mktemp("serve")
     cfg = ServeConfig(store_path=d / "store.db", index_dir=d / "index", port=0, tokens=(TOKEN,),
                       grace_s=2.0, deid=DeidConfig.development(), metrics_port=0,
                       encode_batch=BatchConfig(max_wait_ms=25.0))
-    with ServerThread(cfg, encoder) as s:
+    with ServerThread(cfg, gated) as s:
         yield s
 
 
@@ -269,19 +298,31 @@ def test_dicom_is_deidentified_on_the_way_in(client, ingested):
     client.delete(["dcm-1"])
 
 
-def test_concurrent_queries_share_encoder_batches(server, client, ingested):
+def test_concurrent_queries_share_encoder_batches(server, client, gated, ingested):
     import concurrent.futures as cf
 
     reg = server.server.metrics.registry
+    encode_queue = server.server.service.encode_batcher
 
     def sample(name):
         return reg.get_sample_value(name, {"batcher": "encode"}) or 0.0
 
     n0, s0 = sample("medseek_batch_size_count"), sample("medseek_batch_size_sum")
     texts = [f"pleural effusion case {i}" for i in range(8)]
-    with cf.ThreadPoolExecutor(8) as pool:
-        resps = list(pool.map(lambda t: client.search(pb.SearchRequest(text=t, k=1)), texts))
+    gated.gate.clear()
+    try:
+        with cf.ThreadPoolExecutor(8) as pool:
+            first = pool.submit(client.search, pb.SearchRequest(text=texts[0], k=1))
+            assert gated.entered.wait(timeout=120), "the first query never reached the encoder"
+            rest = [pool.submit(client.search, pb.SearchRequest(text=t, k=1)) for t in texts[1:]]
+            while encode_queue.depth < 7:  # all seven wait behind the held batch
+                assert not any(f.done() for f in rest), [f.exception() for f in rest if f.done()]
+                threading.Event().wait(0.01)
+            gated.gate.set()
+            resps = [first.result()] + [f.result() for f in rest]
+    finally:
+        gated.gate.set()
     assert all(r.hits for r in resps)
     batches = sample("medseek_batch_size_count") - n0
     requests = sample("medseek_batch_size_sum") - s0
-    assert requests == 8 and batches < 8  # at least two queries rode in one encoder call
+    assert requests == 8 and batches == 2  # the held query, then the seven in one call

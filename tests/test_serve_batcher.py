@@ -57,6 +57,11 @@ def test_keys_are_never_merged():
     assert sorted(calls) == [("a", [0, 2, 4]), ("b", [1, 3, 5])]
 
 
+# The batching windows below are a minute long, so they never close on their own while a
+# test runs, however slow the machine: a batch closes because it is full, or at close().
+LONG_WAIT_MS = 60_000.0
+
+
 def test_cancelled_requests_are_dropped_before_the_batch_runs():
     seen = []
 
@@ -67,12 +72,15 @@ def test_cancelled_requests_are_dropped_before_the_batch_runs():
     async def go(b):
         doomed = asyncio.ensure_future(b.submit("k", "gone"))
         kept = asyncio.ensure_future(b.submit("k", "kept"))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
         doomed.cancel()  # e.g. the client's deadline passed while it waited
-        return await kept
+        await asyncio.sleep(0)
+        last = asyncio.ensure_future(b.submit("k", "last"))  # the third fills the batch
+        return await asyncio.gather(kept, last)
 
-    assert _run(go, BatchConfig(max_wait_ms=100.0), ident) == "kept"
-    assert seen == ["kept"]
+    assert _run(go, BatchConfig(max_batch=3, max_wait_ms=LONG_WAIT_MS), ident) == [
+        "kept", "last"]
+    assert seen == ["kept", "last"]
 
 
 def test_full_queue_refuses_at_once():
@@ -82,9 +90,11 @@ def test_full_queue_refuses_at_once():
         await asyncio.sleep(0)
         with pytest.raises(QueueFull, match="2 waiting"):
             await b.submit("k", 3)
+        await b.close()  # ends the open window: the two queued run as one batch
         return await asyncio.gather(first, second)
 
-    assert _run(go, BatchConfig(max_wait_ms=100.0, max_queue=2), lambda k, xs: xs) == [1, 2]
+    assert _run(go, BatchConfig(max_wait_ms=LONG_WAIT_MS, max_queue=2),
+                lambda k, xs: xs) == [1, 2]
 
 
 def test_a_failing_batch_fails_each_caller_and_the_batcher_goes_on():

@@ -4,7 +4,6 @@ serving, nothing stored lost. Real server on port 0, real encoder, real SQLite a
 from __future__ import annotations
 
 import concurrent.futures as cf
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from medseek.serve.local_encoder import LocalTorchEncoder  # noqa: E402
 from medseek.serve.server import ServerThread  # noqa: E402
 from medseek.serve.v1 import retrieval_pb2 as pb  # noqa: E402
 
-from test_serve_api import nifti_bytes, png_bytes  # noqa: E402
+from test_serve_api import GatedTextEncoder, nifti_bytes, png_bytes  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -116,22 +115,37 @@ def test_oversize_message_is_resource_exhausted(client):
     _still_serving_and_intact(client)
 
 
-def test_full_queue_is_resource_exhausted_not_a_crash(client):
-    # max_queue=2 and a 300 ms collection window: of 8 simultaneous text queries, those
-    # beyond the queue bound are refused at once, the rest answered.
-    with cf.ThreadPoolExecutor(8) as pool:
-        futs = [pool.submit(client.search, pb.SearchRequest(text=f"effusion {i}", k=1))
-                for i in range(8)]
-        codes = []
-        for f in futs:
-            try:
-                f.result()
-                codes.append(grpc.StatusCode.OK)
-            except grpc.RpcError as exc:
-                codes.append(exc.code())
-    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
-    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
-    _still_serving_and_intact(client)
+def test_full_queue_is_resource_exhausted_not_a_crash(tmp_path, encoder):
+    # One query is held inside the encoder, so nothing drains the queue: of 7 more, the
+    # 2 that fit max_queue=2 wait and are answered once the gate opens; 5 are refused.
+    gated = GatedTextEncoder(encoder)
+    cfg = ServeConfig(store_path=tmp_path / "s.db", index_dir=tmp_path / "idx", port=0,
+                      grace_s=2.0,
+                      encode_batch=BatchConfig(max_batch=32, max_wait_ms=0.0, max_queue=2))
+    with ServerThread(cfg, gated) as s, RetrievalClient(f"127.0.0.1:{s.port}") as c, \
+            cf.ThreadPoolExecutor(8) as pool:
+        c.ingest([pb.IngestItem(id="t", text="Left pleural effusion.")])
+        gated.gate.clear()
+        held = pool.submit(c.search, pb.SearchRequest(text="effusion 0", k=1))
+        assert gated.entered.wait(timeout=120), "the first query never reached the encoder"
+        rest = [pool.submit(c.search, pb.SearchRequest(text=f"effusion {i}", k=1))
+                for i in range(1, 8)]
+        refused = []
+        # only refusals can finish while the gate is shut (the time-out only ends a broken
+        # bound: with the queue unbounded, nothing would ever finish here)
+        for fut in cf.as_completed(rest, timeout=120):
+            refused.append(fut)
+            if len(refused) == 5:
+                break
+        for fut in refused:
+            with pytest.raises(grpc.RpcError) as err:
+                fut.result()
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queue is full" in err.value.details()
+        gated.gate.set()
+        answered = [held] + [f for f in rest if f not in refused]
+        assert [f.result().hits[0].id for f in answered] == ["t", "t", "t"]
+        assert c.search(pb.SearchRequest(text="effusion", k=1)).hits[0].id == "t"
 
 
 def test_expired_deadline_is_deadline_exceeded(client):
@@ -150,16 +164,28 @@ def test_dicom_without_a_deid_key_is_refused(client):
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(tmp_path, encoder):
+    gated = GatedTextEncoder(encoder)
     cfg = ServeConfig(store_path=tmp_path / "s.db", index_dir=tmp_path / "idx", port=0,
-                      grace_s=10.0, encode_batch=BatchConfig(max_wait_ms=800.0))
-    s = ServerThread(cfg, encoder)
-    with RetrievalClient(f"127.0.0.1:{s.port}") as c:
+                      grace_s=60.0)
+    s = ServerThread(cfg, gated)
+    with RetrievalClient(f"127.0.0.1:{s.port}") as c, cf.ThreadPoolExecutor(2) as pool:
         c.ingest([pb.IngestItem(id="a", text="Left pleural effusion.")])
-        with cf.ThreadPoolExecutor(1) as pool:
-            fut = pool.submit(c.search, pb.SearchRequest(text="effusion", k=1))
-            time.sleep(0.3)  # the query now waits in the 800 ms batching window
-            s.stop()
-            assert fut.result().hits[0].id == "a"
+        gated.gate.clear()
+        fut = pool.submit(c.search, pb.SearchRequest(text="effusion", k=1))
+        assert gated.entered.wait(timeout=120), "the query never reached the encoder"
+        stopping = pool.submit(s.stop)
+        # the query is still held: new calls are refused once the shutdown has begun
+        with RetrievalClient(f"127.0.0.1:{s.port}") as probe:
+            while True:
+                try:
+                    probe.stats(timeout=10)
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE
+                    break
+        assert not fut.done()
+        gated.gate.set()
+        assert fut.result().hits[0].id == "a"
+        stopping.result()
     assert (tmp_path / "idx" / "report.npz").exists()  # indexes saved on the way out
 
 

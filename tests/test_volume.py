@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -288,31 +288,43 @@ def test_ops_do_not_write_into_their_input():
 # --- threading
 
 def test_resample_releases_the_gil():
-    """While one thread is inside the C++ op, another Python thread keeps running.
+    """While one thread is inside the C++ op, another Python thread runs bytecode.
 
-    If the GIL were held for the whole call, the counting loop could not run in the
-    middle of it.
+    No clock is read, so the verdict does not depend on how fast or loaded the machine
+    is. The switch interval is set so long that the interpreter never takes the GIL from
+    a thread by force: the only way the main thread can run while the worker is between
+    ``inside`` and ``done`` is the op releasing the GIL. If it did not, the main thread
+    would first run after the op returned and always see ``done``. A released GIL can
+    still go unnoticed if the op ends before the main thread wakes up, so a trial that
+    sees nothing is retried on a bigger volume; a held GIL can never pass.
     """
     rng = np.random.default_rng()
-    vol = random_volume(rng, (96, 256, 256), np.int16)
-    span: list[float] = []
+    shape = (8, 64, 64)
+    seen_inside = False
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)
+    try:
+        for _ in range(12):
+            vol = random_volume(rng, shape, np.int16)
+            state = {"inside": False, "done": False}
 
-    def work():
-        span.append(time.perf_counter())
-        V.resample(vol, (1.0, 1.0, 1.0), 0.6)  # (160, 427, 427) out: ~0.1-0.5 s here
-        span.append(time.perf_counter())
+            def work():
+                state["inside"] = True
+                V.resample(vol, (1.0, 1.0, 1.0), 0.6)
+                state["done"] = True
 
-    ticks: list[float] = []
-    worker = threading.Thread(target=work)
-    worker.start()
-    while worker.is_alive():
-        ticks.append(time.perf_counter())
-        time.sleep(0.0005)
-    worker.join()
-    t0, t1 = span
-    assert t1 - t0 > 0.03, "op too fast to tell; make the volume bigger"
-    lo, hi = t0 + (t1 - t0) / 3, t1 - (t1 - t0) / 3
-    assert sum(lo < t < hi for t in ticks) >= 1
+            worker = threading.Thread(target=work)
+            # start() waits for the worker to signal it started: it returns once the
+            # worker gives up the GIL, by releasing it in the op or by finishing
+            worker.start()
+            seen_inside = state["inside"] and not state["done"]
+            worker.join()
+            if seen_inside:
+                break
+            shape = (shape[0] * 2, *shape[1:]) if shape[0] < 256 else shape
+    finally:
+        sys.setswitchinterval(old_interval)
+    assert seen_inside, "the main thread never ran while resample was running"
 
 
 @pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
