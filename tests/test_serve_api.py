@@ -309,19 +309,18 @@ def test_concurrent_queries_share_encoder_batches(server, client, gated, ingeste
 
     n0, s0 = sample("medseek_batch_size_count"), sample("medseek_batch_size_sum")
     texts = [f"pleural effusion case {i}" for i in range(8)]
-    gated.gate.clear()
-    try:
-        with cf.ThreadPoolExecutor(8) as pool:
+    with cf.ThreadPoolExecutor(8) as pool:
+        gated.gate.clear()
+        try:
             first = pool.submit(client.search, pb.SearchRequest(text=texts[0], k=1))
             assert gated.entered.wait(timeout=120), "the first query never reached the encoder"
             rest = [pool.submit(client.search, pb.SearchRequest(text=t, k=1)) for t in texts[1:]]
             while encode_queue.depth < 7:  # all seven wait behind the held batch
                 assert not any(f.done() for f in rest), [f.exception() for f in rest if f.done()]
                 threading.Event().wait(0.01)
-            gated.gate.set()
-            resps = [first.result()] + [f.result() for f in rest]
-    finally:
-        gated.gate.set()
+        finally:
+            gated.gate.set()  # also on a failure, or the pool would wait forever
+        resps = [first.result()] + [f.result() for f in rest]
     assert all(r.hits for r in resps)
     batches = sample("medseek_batch_size_count") - n0
     requests = sample("medseek_batch_size_sum") - s0

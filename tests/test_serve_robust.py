@@ -126,26 +126,34 @@ def test_full_queue_is_resource_exhausted_not_a_crash(tmp_path, encoder):
             cf.ThreadPoolExecutor(8) as pool:
         c.ingest([pb.IngestItem(id="t", text="Left pleural effusion.")])
         gated.gate.clear()
-        held = pool.submit(c.search, pb.SearchRequest(text="effusion 0", k=1))
-        assert gated.entered.wait(timeout=120), "the first query never reached the encoder"
-        rest = [pool.submit(c.search, pb.SearchRequest(text=f"effusion {i}", k=1))
-                for i in range(1, 8)]
-        refused = []
-        # only refusals can finish while the gate is shut (the time-out only ends a broken
-        # bound: with the queue unbounded, nothing would ever finish here)
-        for fut in cf.as_completed(rest, timeout=120):
-            refused.append(fut)
-            if len(refused) == 5:
-                break
+        try:
+            held = pool.submit(c.search, pb.SearchRequest(text="effusion 0", k=1))
+            assert gated.entered.wait(timeout=120), "the first query never reached the encoder"
+            rest = [pool.submit(c.search, pb.SearchRequest(text=f"effusion {i}", k=1))
+                    for i in range(1, 8)]
+            refused = _first_finished(rest, 5)
+        finally:
+            gated.gate.set()  # also on a failure, or the pool would wait forever
+        assert len(refused) == 5
         for fut in refused:
             with pytest.raises(grpc.RpcError) as err:
                 fut.result()
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "queue is full" in err.value.details()
-        gated.gate.set()
         answered = [held] + [f for f in rest if f not in refused]
         assert [f.result().hits[0].id for f in answered] == ["t", "t", "t"]
         assert c.search(pb.SearchRequest(text="effusion", k=1)).hits[0].id == "t"
+
+
+def _first_finished(futures, n: int) -> list:
+    """The first ``n`` of ``futures`` to finish. Only refusals can finish while the gate is
+    shut; the time-out only ends a broken bound (an unbounded queue refuses nothing)."""
+    done = []
+    for fut in cf.as_completed(futures, timeout=120):
+        done.append(fut)
+        if len(done) == n:
+            break
+    return done
 
 
 def test_expired_deadline_is_deadline_exceeded(client):
@@ -169,24 +177,35 @@ def test_graceful_shutdown_finishes_in_flight_requests(tmp_path, encoder):
                       grace_s=60.0)
     s = ServerThread(cfg, gated)
     with RetrievalClient(f"127.0.0.1:{s.port}") as c, cf.ThreadPoolExecutor(2) as pool:
-        c.ingest([pb.IngestItem(id="a", text="Left pleural effusion.")])
-        gated.gate.clear()
-        fut = pool.submit(c.search, pb.SearchRequest(text="effusion", k=1))
-        assert gated.entered.wait(timeout=120), "the query never reached the encoder"
-        stopping = pool.submit(s.stop)
-        # the query is still held: new calls are refused once the shutdown has begun
-        with RetrievalClient(f"127.0.0.1:{s.port}") as probe:
-            while True:
-                try:
-                    probe.stats(timeout=10)
-                except grpc.RpcError as exc:
-                    assert exc.code() == grpc.StatusCode.UNAVAILABLE
-                    break
-        assert not fut.done()
-        gated.gate.set()
+        try:
+            c.ingest([pb.IngestItem(id="a", text="Left pleural effusion.")])
+            gated.gate.clear()
+            fut = pool.submit(c.search, pb.SearchRequest(text="effusion", k=1))
+            assert gated.entered.wait(timeout=120), "the query never reached the encoder"
+            stopping = pool.submit(s.stop)
+            # while the query is held, the shutdown begins and new calls are refused: gRPC
+            # answers UNAVAILABLE once the port is closed, CANCELLED for a call that
+            # reached the server as it was shutting down
+            codes = []
+            while not codes or codes[-1] == grpc.StatusCode.OK:
+                codes.append(_status_of_a_new_call(s.port))
+            assert codes[-1] in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), codes
+            assert not fut.done()
+        finally:
+            gated.gate.set()  # also on a failure: the server's stop waits for the query
         assert fut.result().hits[0].id == "a"
         stopping.result()
     assert (tmp_path / "idx" / "report.npz").exists()  # indexes saved on the way out
+
+
+def _status_of_a_new_call(port: int) -> grpc.StatusCode:
+    """The status of a Stats call on a fresh channel (OK, or the code it failed with)."""
+    with RetrievalClient(f"127.0.0.1:{port}") as probe:
+        try:
+            probe.stats(timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
 
 
 def test_encoder_backend_down_is_unavailable(tmp_path, encoder):
