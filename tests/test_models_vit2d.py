@@ -7,6 +7,8 @@ from medseek.models.blocks import rope_sections
 from medseek.models.vit2d import ViT2D, ViT2DConfig
 
 TINY = ViT2DConfig(patch_size=8, width=32, depth=2, heads=2, mlp_ratio=2.0)
+CONV = ViT2DConfig(patch_size=8, width=32, depth=2, heads=2, mlp_ratio=2.0, stem="conv",
+                   stem_channels=8)
 
 
 @pytest.fixture
@@ -28,9 +30,27 @@ def test_shapes_at_two_sizes(model, hw):
     torch.testing.assert_close(alone[0], cls[1], rtol=0, atol=1e-5)
 
 
-def test_every_parameter_gets_gradient():
+@pytest.mark.parametrize("hw", [(64, 48), (32, 80)])
+def test_conv_stem_gives_the_same_token_grid(hw):
+    """The conv stem strides by patch_size in log2(patch_size) layers: same grid, same
+    positions, so RoPE, regions and export see the tokens of a patch embedding."""
+    torch.manual_seed(2)
+    model = ViT2D(CONV).eval()
+    H, W = hw
+    images = torch.rand(3, 1, H, W)
+    tokens, pos = model.embed(images)
+    assert tokens.shape == (3, (H // 8) * (W // 8), 32)
+    assert torch.equal(pos[0], ViT2D.grid_positions(H // 8, W // 8))
+    strides = [m.stride for m in model.stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [(2, 2)] * 3 and model.patch_embed.kernel_size == (1, 1)
+    alone, _ = model(images[1:2])
+    torch.testing.assert_close(alone[0], model(images)[0][1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [TINY, CONV], ids=["patch", "conv"])
+def test_every_parameter_gets_gradient(cfg):
     torch.manual_seed(1)
-    model = ViT2D(TINY)
+    model = ViT2D(cfg)
     cls, _ = model(torch.rand(2, 1, 32, 40))
     (cls ** 2).sum().backward()
     for name, p in model.named_parameters():
@@ -124,3 +144,7 @@ def test_config_validation():
         ViT2DConfig(width=30, heads=4)
     with pytest.raises(ValueError, match="patch_size must be a positive int, got 0"):
         ViT2DConfig(patch_size=0)
+    with pytest.raises(ValueError, match="stem must be one of"):
+        ViT2DConfig(stem="resnet")
+    with pytest.raises(ValueError, match="power-of-two patch_size >= 2, got 12"):
+        ViT2DConfig(patch_size=12, width=32, heads=2, stem="conv")

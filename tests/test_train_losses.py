@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from medseek import kernels
 from medseek.models.factory import create_model
-from medseek.train.data import PairDataset, collate, load_tokenizer
+from medseek.train.data import PairDataset, collate, load_tokenizer, report_finding_vector
 from medseek.train.losses import (LossConfig, combine_losses, encode_batch, grouped_pair_loss,
                                   grouped_siglip_loss, modality_gap_loss)
 
@@ -138,3 +140,41 @@ def test_organ_term_trains_chunks_not_the_volume_pool(ct_batch):
     assert not pool_grad()  # organ embeddings come from chunks, never the pooled volume
     g, parts = grads_after(model, batch, LossConfig(contrastive="siglip"))
     assert set(parts) == {"global"} and pool_grad()
+
+
+def test_finding_loss_is_bce_of_both_modalities_through_one_head(wrist_batch):
+    """The finding term: BCE of the shared finding head on image and on report embeddings
+    against the findings extracted from the report; it trains the visual and text heads
+    and the finding head, and a model without the head says so."""
+    from medseek.text.concepts import concept_names, report_concepts
+
+    _, batch = wrist_batch
+    torch.manual_seed(3)
+    model = create_model("wrist-tiny", finding_head=True)
+    names = concept_names()
+    assert batch["findings"].shape == (4, len(names))
+    assert set(batch["findings"].unique().tolist()) <= {0.0, 1.0}
+    text = "Small left pleural effusion. No pneumothorax."
+    row = report_finding_vector(text)
+    np.testing.assert_array_equal(row, report_concepts([text])[0])
+    assert row[names.index("pleural effusion")] == 1 and row[names.index("pneumothorax")] == 0
+
+    emb = {"visual": unit(4, 32, seed=7), "text": unit(4, 32, seed=8)}
+    y = torch.zeros(4, len(concept_names()))
+    y[0, 3] = y[1, 5] = y[2, -1] = y[3, -1] = 1.0
+    loss, parts = combine_losses(model, emb, {"findings": y}, LossConfig(w_global=0.0, w_finding=2.0))
+    head = model.finding_head
+    want = 0.5 * (F.binary_cross_entropy_with_logits(head(emb["visual"]), y)
+                  + F.binary_cross_entropy_with_logits(head(emb["text"]), y))
+    torch.testing.assert_close(loss, 2.0 * want)
+    assert set(parts) == {"finding"}
+
+    model.zero_grad(set_to_none=True)
+    emb = encode_batch(model, batch, LossConfig())
+    loss, _ = combine_losses(model, emb, batch, LossConfig(w_global=0.0, w_finding=1.0))
+    loss.backward()
+    for name in ("visual", "visual_head", "text_head", "finding_head"):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0
+                   for p in getattr(model, name).parameters()), name
+    with pytest.raises(TypeError, match="no finding head"):
+        combine_losses(wrist_batch[0], emb, batch, LossConfig(w_finding=1.0))

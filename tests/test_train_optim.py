@@ -90,3 +90,21 @@ def test_optim_config_errors_name_the_field():
         OptimConfig(name="sgd")
     with pytest.raises(ValueError, match="momentum"):
         OptimConfig(momentum=1.0)
+
+
+def test_lr_schedule_warms_up_then_holds_or_decays():
+    from medseek.train.optim import lr_factor
+
+    const = OptimConfig(warmup_steps=4)
+    assert [lr_factor(const, s, 10) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = OptimConfig(warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
+    f = [lr_factor(cos, s, 10) for s in range(12)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == pytest.approx(1.0) and f[9] == pytest.approx(0.1)  # first and last step
+    assert f[10] == f[11] == pytest.approx(0.1)  # past the recipe's steps: stays at the floor
+    assert all(a > b for a, b in zip(f[4:9], f[5:10]))
+    assert f[6] + f[7] == pytest.approx(1.1)  # symmetric about the midpoint of the decay
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        OptimConfig(schedule="step")
+    with pytest.raises(ValueError, match="min_lr_ratio must be in"):
+        OptimConfig(min_lr_ratio=1.5)

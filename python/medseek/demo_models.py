@@ -150,14 +150,26 @@ def export_spec(train_key: str) -> dict:
 
 def export_model(model_name: str, overrides: dict, checkpoint: Path, repo: Path) -> dict:
     """ONNX export (verified against torch) into a Triton repository: ``medseek export``."""
-    from medseek.export.repository import RepositoryConfig, write_repository
     from medseek.models.factory import create_model
     from medseek.train.checkpoint import load_model_weights
 
-    import warnings
-
     model = create_model(model_name, **overrides)
     load_model_weights(checkpoint, model)
+    return _write_repository(model, repo)
+
+
+def export_release(release: str | Path, repo: Path) -> dict:
+    """A shipped (or reproduced) release into a Triton repository."""
+    from medseek.models.release import load_release
+
+    return _write_repository(load_release(release), repo)
+
+
+def _write_repository(model, repo: Path) -> dict:
+    import warnings
+
+    from medseek.export.repository import RepositoryConfig, write_repository
+
     with warnings.catch_warnings():  # the exporter's notes on constant folding, not errors
         warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
         return write_repository([model.eval()], repo, RepositoryConfig())
@@ -172,6 +184,7 @@ class DemoModel:
     run: Path
     repo: Path
     metrics: dict
+    card: dict | None = None  # the shipped (or reproduced) release's model card
 
 
 def last_eval(run: Path) -> dict:
@@ -198,15 +211,56 @@ def last_loss(run: Path) -> tuple[float | None, float | None]:
     return (losses[0], losses[-1]) if losses else (None, None)
 
 
-def prepare(cache: Cache, site: str, corpus_kind: str, n: int, recipe: str, steps: int | None,
-            seed: int, log) -> DemoModel:
-    """Corpus -> trained checkpoint -> Triton repository, each from the cache when it can."""
+def prepare_release(cache: Cache, site: str, corpus_kind: str, n: int, seed: int, retrain: bool,
+                    log) -> DemoModel:
+    """The demo corpus and the site's shipped model exported to a Triton repository; with
+    ``retrain``, the model is first reproduced from scratch (``medseek train --release``)
+    and its test metrics compared with the shipped card's."""
+    from medseek.models.release import WEIGHTS_DIR, read_card
+    from medseek.train.release import compare_to_card, reproduce
+
+    corpus = _corpus(cache, corpus_kind, n, seed, log)
+    card = read_card(site)
+    release: Path = WEIGHTS_DIR / f"{site}.json"
+    if retrain:
+        t0 = time.perf_counter()
+        spec = {"release": site, "card": card["sha256"], "code": source_hash(*MODEL_CODE),
+                "data": source_hash(*CORPUS_CODE)}
+        run = cache.get(f"retrain-{site}", spec, lambda d: reproduce(site, d, log=log))
+        new = read_card(run / "release" / f"{site}.json")
+        log(f"{site:11s} model  {_state(cache, f'retrain-{site}')} from scratch: recipe "
+            f"{card['recipe']}, {new['steps']} steps ({time.perf_counter() - t0:.1f} s)")
+        for r in compare_to_card(new, card):
+            log(f"{'':11s} {r['metric']:16s} shipped {r['shipped']:.3f}, retrained "
+                f"{r['new']:.3f}: {'within' if r['ok'] else 'OUTSIDE'} ±{r['tolerance']}")
+        release, card = run / "release" / f"{site}.json", new
+    else:
+        log(f"{site:11s} model  shipped release {site} ({card['model']}, recipe "
+            f"{card['recipe']}, {card['steps']} steps, sha256 {card['sha256'][:12]}…)")
+    t0 = time.perf_counter()
+    espec = dict(export_spec(card["sha256"]), release=str(release))
+    repo = cache.get(f"repo-{site}", espec, lambda d: export_release(release, d / "models"))
+    models = sorted(p.name for p in (repo / "models").iterdir() if p.is_dir())
+    log(f"{site:11s} Triton repository {_state(cache, f'repo-{site}')} {repo / 'models'}: "
+        f"{', '.join(models)} ({time.perf_counter() - t0:.1f} s)")
+    return DemoModel(site, corpus, release.parent, repo / "models",
+                     {k: v["value"] for k, v in card["test"].items()}, card)
+
+
+def _corpus(cache: Cache, corpus_kind: str, n: int, seed: int, log) -> Path:
     cspec = corpus_spec(corpus_kind, n, seed)
     t0 = time.perf_counter()
     corpus = cache.get(corpus_kind, cspec,
                        lambda d: build_corpus(corpus_kind, d, cspec["params"]))
     log(f"{corpus_kind:11s} corpus {_state(cache, corpus_kind)} {corpus} "
         f"({time.perf_counter() - t0:.1f} s)")
+    return corpus
+
+
+def prepare(cache: Cache, site: str, corpus_kind: str, n: int, recipe: str, steps: int | None,
+            seed: int, log) -> DemoModel:
+    """Corpus -> trained checkpoint -> Triton repository, each from the cache when it can."""
+    corpus = _corpus(cache, corpus_kind, n, seed, log)
     tspec = train_spec(recipe, steps, corpus.name)
     tspec["seed"] = seed
     t0 = time.perf_counter()

@@ -24,8 +24,17 @@ def _build(args: argparse.Namespace) -> int:
     if args.corpus == "synth-cxr":
         from medseek.data.synth.cxr import build_synth_cxr
 
+        reports = None
+        if args.skip < 0:
+            raise SystemExit(f"medseek data build: --skip must be >= 0, got {args.skip}")
+        if args.skip:
+            from medseek.data.iu import load_iu_reports
+
+            reports = load_iu_reports()[args.skip:]
+            if not reports:
+                raise SystemExit(f"medseek data build: --skip {args.skip} leaves no IU report")
         records = build_synth_cxr(args.out, n=args.n, seed=args.seed, size=args.size or 256,
-                                  workers=args.workers, progress=progress)
+                                  workers=args.workers, progress=progress, reports=reports)
     elif args.corpus == "synth-wrist":
         from medseek.data.synth.wrist import build_synth_wrist
 
@@ -54,6 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--n", type=_positive, default=None,
                        help="cases: first N IU reports (synth-cxr, default all), "
                             "studies (synth-wrist, default 200), volumes (synth-ct, default 24)")
+    build.add_argument("--skip", type=int, default=0,
+                       help="synth-cxr: leave out the first SKIP IU reports (the shipped chest "
+                            "model is trained on reports 1000 onwards, so that medseek demo's "
+                            "corpus, the first reports, is unseen)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--size", type=_positive, default=None, help="image side in pixels (2D corpora, default 256)")
     build.add_argument("--workers", type=_positive, default=1, help="rendering processes (synth-cxr)")

@@ -54,6 +54,9 @@ class EncoderSpec:
     chunk_depth: int | None = None
     chunk_overlap: int = 0
     name: str = ""
+    # the model's calibrated finding concepts (DualEncoder.concept_bank), for explanations:
+    # {"names": [C], "directions": [C x embed_dim], "baseline": [C]}; None without a head
+    concepts: dict | None = None
 
     def __post_init__(self) -> None:
         if self.modality not in ("image", "volume"):
@@ -72,8 +75,12 @@ class EncoderSpec:
         """Spec of a :class:`medseek.models.DualEncoder`."""
         cfg = model.cfg
         v = cfg.vision
+        bank = model.concept_bank() if hasattr(model, "concept_bank") else None
+        concepts = None if bank is None else {
+            "names": list(bank.names), "directions": bank.embeddings.tolist(),
+            "baseline": bank.baseline.tolist()}
         common = dict(embed_dim=cfg.embed_dim, modality=model.modality,
-                      max_length=cfg.text.max_length, name=cfg.name)
+                      max_length=cfg.text.max_length, name=cfg.name, concepts=concepts)
         if model.modality == "image":
             size = cfg.preprocess.image_size or (64, 64)
             return cls(**common, image_size=size, in_chans=v.in_chans)
@@ -153,6 +160,17 @@ class Encoder(Protocol):
         ...
 
 
+def spec_concept_bank(spec: EncoderSpec):
+    """:class:`~medseek.search.explain.ConceptBank` of ``spec.concepts`` (or None)."""
+    if spec.concepts is None:
+        return None
+    from medseek.search.explain import ConceptBank
+
+    c = spec.concepts
+    return ConceptBank(tuple(c["names"]), np.asarray(c["directions"], dtype=np.float32),
+                       np.asarray(c["baseline"], dtype=np.float64))
+
+
 class GraphEncoder:
     """The encode_* logic both backends share, on top of one primitive, ``run_graph``.
 
@@ -167,6 +185,10 @@ class GraphEncoder:
     @property
     def dim(self) -> int:
         return self.spec.embed_dim
+
+    def concept_bank(self):
+        """The served model's calibrated finding concepts (None when it has none)."""
+        return spec_concept_bank(self.spec)
 
     def run_graph(self, graph: str, inputs: dict, outputs: list[str]) -> list[np.ndarray]:
         raise NotImplementedError

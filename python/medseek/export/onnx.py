@@ -171,7 +171,8 @@ class FixedSizeImageGraph(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pe = self.visual.patch_embed
-        x = F.conv2d(images, pe.weight, None, pe.stride, pe.padding)  # (B, width, gh, gw)
+        # the conv stem (nn.Identity for a plain patch embedding: no node is traced)
+        x = F.conv2d(self.visual.stem(images), pe.weight, None, pe.stride, pe.padding)
         x = x.reshape(-1, self.width, self.n)  # (B, width, N)
         # a zero column in front for the CLS token (x * 0: no Shape op for the batch size)
         x = torch.cat((x[..., :1] * 0, x), dim=-1) + self.tokens  # (B, width, T)

@@ -64,6 +64,9 @@ class DualEncoderConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: str = "siglip"  # which logit scale / bias initialisation (see heads.LogitScale)
     region_head: bool = False  # separate projection for region embeddings (2D only)
+    # a linear classifier of the lexicon's findings (+ "normal") on the unit embedding,
+    # shared by both modalities: LGDEA's diagnostic evidence space (see ``finding_logits``)
+    finding_head: bool = False
     text_pretrained: bool = False  # factory loads the MiniLM weights into the text tower
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     name: str = ""
@@ -99,6 +102,20 @@ class DualEncoder(nn.Module):
         )
         self.text_head = ProjectionHead(self.text.dim, cfg.embed_dim, cfg.head)
         self.logit_scale = LogitScale(cfg.loss)
+        self.finding_head = None
+        if cfg.finding_head:
+            from medseek.text.concepts import concept_names
+
+            # the scale of unit embeddings is fixed, so the head learns its own sharpness
+            self.finding_head = nn.Linear(cfg.embed_dim, len(concept_names()))
+            nn.init.normal_(self.finding_head.weight, std=cfg.embed_dim**-0.5)
+            # most findings are absent from most reports: start every finding at a prior
+            # of ~5 % instead of 50 %, or the bias alone spends the first steps getting there
+            nn.init.constant_(self.finding_head.bias, -3.0)
+            # per-finding logit above which the finding counts as shown by an embedding;
+            # fitted on a validation split after training (medseek.train.calibrate), saved
+            # with the weights. 0 (probability 0.5) until then.
+            self.register_buffer("finding_threshold", torch.zeros(len(concept_names())))
 
     @property
     def modality(self) -> str:
@@ -178,6 +195,30 @@ class DualEncoder(nn.Module):
                         valid=None) -> torch.Tensor:
         """Unit-norm overlap-weighted mean of the chunks over slices ``[z0, z1)``."""
         return organ_embedding(chunk_embs, z_start, depth, z0, z1, valid=valid)
+
+    def finding_logits(self, emb: torch.Tensor) -> torch.Tensor:
+        """Per-finding logits ``(..., F)`` of unit embeddings ``(..., embed_dim)`` of either
+        modality; axes are :func:`medseek.text.concepts.concept_names`. Trained against
+        the findings extracted from each paired report (the ``finding`` loss term), so an
+        image and a report that assert the same findings are pulled to the same side of
+        every finding's hyperplane, and ``sigmoid`` of them is a per-finding probability."""
+        if self.finding_head is None:
+            raise TypeError("this model has no finding head (config finding_head: false)")
+        return self.finding_head(emb)
+
+    def concept_bank(self):
+        """The finding head as a :class:`medseek.search.explain.ConceptBank`: a finding's
+        score for an embedding is its logit margin over the calibrated threshold, in
+        units of the head's weight norm, so "score > 0" means "the finding head shows it"
+        (None for a model without a finding head)."""
+        if self.finding_head is None:
+            return None
+        from medseek.search.explain import ConceptBank
+        from medseek.text.concepts import concept_names
+
+        return ConceptBank.from_linear(concept_names(), self.finding_head.weight.detach().cpu().numpy(),
+                                       self.finding_head.bias.detach().cpu().numpy(),
+                                       self.finding_threshold.cpu().numpy())
 
     # ---------------------------------------------------------------- text
 

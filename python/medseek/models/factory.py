@@ -37,7 +37,8 @@ from .vit3d import ViT3DConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _VISION = {"vit2d": ViT2DConfig, "vit3d": ViT3DConfig}
-_TOP_KEYS = {"embed_dim", "loss", "vision", "text", "head", "region_head", "preprocess", "name"}
+_TOP_KEYS = {"embed_dim", "loss", "vision", "text", "head", "region_head", "finding_head", "preprocess",
+             "name"}
 
 
 class _SkipInitOnMeta(TorchFunctionMode):
@@ -99,6 +100,7 @@ def config_from_dict(raw: dict, name: str = "") -> DualEncoderConfig:
         head=_section(HeadConfig, raw.get("head", {}), "head"),
         loss=raw.get("loss", "siglip"),
         region_head=bool(raw.get("region_head", False)),
+        finding_head=bool(raw.get("finding_head", False)),
         text_pretrained=pretrained,
         preprocess=_section(PreprocessConfig, raw.get("preprocess", {}), "preprocess"),
         name=raw.get("name", name),

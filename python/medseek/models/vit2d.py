@@ -34,6 +34,24 @@ from torch import nn
 
 from .blocks import Block, init_transformer_, rope_sections
 
+STEMS = ("patch", "conv")
+
+
+def conv_stem(in_chans: int, channels: int, patch_size: int,
+              convs: int = 1) -> tuple[nn.Sequential, int]:
+    """``log2(patch_size)`` stages of ``convs`` 3x3 conv + BatchNorm + ReLU layers, the
+    first of each stage with stride 2, channels doubling per stage from ``channels``
+    (capped at 8x): ``(B, in_chans, H, W)`` → ``(B, C, H/p, W/p)``. Returns the stem and
+    its output channels C."""
+    layers, c_in, c = [], in_chans, channels
+    for i in range(patch_size.bit_length() - 1):
+        c = channels * min(2 ** i, 8)
+        for j in range(convs):
+            layers += [nn.Conv2d(c_in, c, 3, stride=2 if j == 0 else 1, padding=1, bias=False),
+                       nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            c_in = c
+    return nn.Sequential(*layers), c
+
 
 @dataclass(frozen=True)
 class ViT2DConfig:
@@ -45,12 +63,25 @@ class ViT2DConfig:
     mlp_ratio: float = 4.0
     rope_theta: float = 100.0
     rope_sections: tuple[int, int] | None = None  # (y, x) pairs per head; None = even split
+    # "patch": one patch_size x patch_size convolution per token (plain ViT);
+    # "conv": a convolutional stem (Xiao et al. 2021, "Early convolutions help
+    # transformers see better") of log2(patch_size) stride-2 3x3 conv + BatchNorm + ReLU
+    # layers, then a 1x1 projection to width: the same token grid, but local edges and
+    # textures are learnt by convolutions, which small-data, few-step training needs
+    stem: str = "patch"
+    stem_channels: int = 32  # channels after the first stem stage, doubled per stage
+    stem_convs: int = 1  # 3x3 conv layers per stem stage (the first of them strides by 2)
 
     def __post_init__(self) -> None:
-        for name in ("in_chans", "patch_size", "width", "depth", "heads"):
+        for name in ("in_chans", "patch_size", "width", "depth", "heads", "stem_channels",
+                     "stem_convs"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"stem='conv' needs a power-of-two patch_size >= 2, got {self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
         if self.rope_sections is not None:
@@ -65,9 +96,16 @@ class ViT2D(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.sections = rope_sections(cfg.width // cfg.heads, 2, cfg.rope_sections)
-        self.patch_embed = nn.Conv2d(
-            cfg.in_chans, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size
-        )
+        if cfg.stem == "conv":
+            # the stem does the striding; patch_embed is then a 1x1 projection to width
+            self.stem, stem_out = conv_stem(cfg.in_chans, cfg.stem_channels, cfg.patch_size,
+                                            cfg.stem_convs)
+            self.patch_embed = nn.Conv2d(stem_out, cfg.width, kernel_size=1)
+        else:
+            self.stem = nn.Identity()
+            self.patch_embed = nn.Conv2d(
+                cfg.in_chans, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size
+            )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.blocks = nn.ModuleList(
             Block(cfg.width, cfg.heads, cfg.mlp_ratio, self.sections, cfg.rope_theta)
@@ -75,6 +113,9 @@ class ViT2D(nn.Module):
         )
         self.ln_f = nn.LayerNorm(cfg.width, eps=1e-6)
         init_transformer_(self, cfg.depth)
+        for m in self.stem.modules():  # ReLU convolutions: He init, not the N(0, 0.02) above
+            if isinstance(m, nn.Conv2d) and not m.weight.is_meta:
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
     @property
     def width(self) -> int:
@@ -105,7 +146,7 @@ class ViT2D(nn.Module):
         Tokens are in row-major order: token ``n`` is patch ``(n // gw, n % gw)``.
         """
         gh, gw = self.grid_size(images)
-        x = self.patch_embed(images)  # (B, width, gh, gw)
+        x = self.patch_embed(self.stem(images))  # (B, width, gh, gw)
         x = x.flatten(2).transpose(1, 2)  # (B, N, width)
         pos = self.grid_positions(gh, gw, images.device)  # (N, 2)
         return x, pos.unsqueeze(0).expand(x.shape[0], -1, -1)

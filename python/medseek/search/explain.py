@@ -75,6 +75,44 @@ class ConceptBank:
         """``concept_scores(embs, self.embeddings, self.baseline)``."""
         return concept_scores(embs, self.embeddings, self.baseline)
 
+    @classmethod
+    def from_linear(cls, names: Sequence[str], weight: np.ndarray, bias: np.ndarray,
+                    threshold: np.ndarray) -> "ConceptBank":
+        """A bank whose score is a linear classifier's calibrated margin.
+
+        For logits ``W e + b`` (``weight`` (C, d), ``bias`` (C,)) and per-concept logit
+        thresholds ``t`` (C,), the score of a unit embedding ``e`` is
+        ``(W_c·e + b_c - t_c) / ‖W_c‖``: the embedding's signed distance to the concept's
+        decision hyperplane, positive exactly when the logit exceeds its threshold.
+        """
+        w = np.asarray(weight, dtype=np.float64)
+        b = np.asarray(bias, dtype=np.float64)
+        t = np.asarray(threshold, dtype=np.float64)
+        if w.ndim != 2 or b.shape != (w.shape[0],) or t.shape != (w.shape[0],):
+            raise ValueError(f"weight (C, d), bias (C,) and threshold (C,) must agree, got "
+                             f"{w.shape}, {b.shape}, {t.shape}")
+        norms = np.linalg.norm(w, axis=1)
+        if not (norms > 0).all():
+            raise ValueError(f"weight rows {np.flatnonzero(norms == 0)[:5].tolist()} are zero")
+        return cls(tuple(names), (w / norms[:, None]).astype(np.float32), (t - b) / norms)
+
+    @classmethod
+    def from_prompt_pairs(cls, names: Sequence[str], present: np.ndarray,
+                          absent: np.ndarray) -> "ConceptBank":
+        """A bank from paired prompts ("pleural effusion" / "no pleural effusion"): the
+        score is ``e·(p_c - a_c) / ‖p_c - a_c‖``, positive exactly when the embedding is
+        closer to the concept's prompt than to its negation."""
+        p = as_float_array("present", present, 2).astype(np.float64)
+        a = as_float_array("absent", absent, 2).astype(np.float64)
+        if p.shape != a.shape:
+            raise ValueError(f"present and absent must have one shape, got {p.shape}, {a.shape}")
+        d = p - a
+        norms = np.linalg.norm(d, axis=1)
+        if not (norms > 0).all():
+            bad = [names[i] for i in np.flatnonzero(norms == 0)[:5]]
+            raise ValueError(f"the prompts of {bad} embed the same as their negations")
+        return cls(tuple(names), (d / norms[:, None]).astype(np.float32))
+
 
 def concept_scores(
     embs: np.ndarray, concept_embs: np.ndarray, baseline: np.ndarray | None = None

@@ -34,9 +34,22 @@ SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name
 
 
 def concept_bank(encoder) -> ConceptBank:
-    """Text embeddings of the finding lexicon, the concepts that explain a match (CEMRAG)."""
+    """The concepts that explain a match (CEMRAG).
+
+    The encoder's own calibrated finding bank when its model has a finding head (a
+    finding is shown for an item when the head's logit beats the threshold fitted on a
+    validation split); otherwise each finding of the lexicon against its negation, as
+    paired prompts ("pleural effusion" / "no pleural effusion"). A plain prompt cosine has
+    no zero point: it is positive for nearly every item, so every hit got the same
+    concepts.
+    """
+    own = getattr(encoder, "concept_bank", None)
+    bank = own() if callable(own) else None
+    if bank is not None:
+        return bank
     names = tuple(f.name for f in FINDINGS)
-    return ConceptBank(names, encoder.encode_texts(list(names)))
+    return ConceptBank.from_prompt_pairs(names, encoder.encode_texts(list(names)),
+                                         encoder.encode_texts([f"no {n}" for n in names]))
 
 
 def add_health(server: grpc.aio.Server, services: list[str]) -> health.aio.HealthServicer:

@@ -144,6 +144,61 @@ def choose_labels(train_ds, test_ds, min_pos_patients: int = 5, n_rare: int = 4)
             "test_pos_patients": {n: int(pos_patients[names.index(n)]) for n in sorted(set(zs) | set(rare))}}
 
 
+def image_to_image_ndcg(v: np.ndarray, ds, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Image→image nDCG@10 of embeddings ``v`` (N, D), one row per item of ``ds``, graded
+    by Jaccard label overlap, the query's own patient excluded from its gallery; mean over
+    patients with a patient-level bootstrap CI. Any embedding is scored this way: a
+    trained tower, raw pixels, a supervised reference (``benchmarks/quality_reference.py``).
+    """
+    from medseek.eval.metrics import label_overlap_relevance, ndcg_at_k
+
+    y = ds.label_matrix()
+    pid = _patients(ds)
+    s = v @ v.T
+    s[pid[:, None] == pid[None, :]] = -np.inf
+    return _cluster_mean_ci(ndcg_at_k(s, label_overlap_relevance(y, y, "jaccard"), 10), pid,
+                            n_boot, seed)
+
+
+def explanation_quality(model, v: np.ndarray, ds, pid: np.ndarray, k: int = 10) -> dict:
+    """How right the concepts shown for image→image hits are (top ``k``, own patient
+    excluded), with the model's calibrated concept bank and the search pipeline's rule
+    (a concept explains a hit when its score is > 0 for both query and hit).
+
+    ``precision``: of the (hit, concept) pairs shown, the share whose concept the hit's
+    report asserts; ``recall``: of the concepts both reports assert, the share shown;
+    ``distinct_sets``: distinct explanation sets among the shown top-k of a query,
+    averaged (1.0 would mean every hit gets the same explanation)."""
+    from medseek.search.explain import explain
+
+    from .data import item_findings
+
+    bank = model.concept_bank()
+    scores = bank.scores(v)  # (N, C)
+    truth = np.stack([item_findings(r.report, r.labels) for r in ds.records]) > 0
+    s = v @ v.T
+    s[pid[:, None] == pid[None, :]] = -np.inf
+    top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    col = {n: j for j, n in enumerate(bank.names)}
+    shown = correct = both = both_shown = 0
+    distinct = []
+    for q in range(len(v)):
+        why = explain(scores[q], scores[top[q]], bank.names, top=len(bank.names))
+        sets = set()
+        for hit, matches in zip(top[q], why):
+            js = [col[m.concept] for m in matches]
+            sets.add(tuple(js))
+            shown += len(js)
+            correct += int(truth[hit, js].sum())
+            true_both = truth[q] & truth[hit]
+            both += int(true_both.sum())
+            both_shown += int(true_both[js].sum())
+        distinct.append(len(sets))
+    return {"precision": correct / shown if shown else float("nan"),
+            "recall": both_shown / both if both else float("nan"),
+            "shown_per_hit": shown / (len(v) * k), "distinct_sets": float(np.mean(distinct))}
+
+
 @torch.no_grad()
 def evaluate_split(model, ds, tokenizer, labels: dict, *, text_cache=None, device="cpu",
                    n_boot: int = 1000, seed: int = 0, ks=(1, 5, 10)) -> dict:
@@ -162,11 +217,9 @@ def evaluate_split(model, ds, tokenizer, labels: dict, *, text_cache=None, devic
     pid = _patients(ds)
     out: dict = {"n_items": len(ds), "n_patients": int(len(set(pid))), "n_boot": n_boot}
     jac = label_overlap_relevance(y, y, "jaccard")
-
-    # image -> image, own patient excluded
-    s = v @ v.T
+    out["i2i_ndcg@10"] = image_to_image_ndcg(v, ds, n_boot, seed)
+    s = v @ v.T  # image -> image scores, own patient excluded (the rare-label P@10 below)
     s[pid[:, None] == pid[None, :]] = -np.inf
-    out["i2i_ndcg@10"] = _cluster_mean_ci(ndcg_at_k(s, jac, 10), pid, n_boot, seed)
 
     # report -> image: one query per study (its first item)
     study = np.array([r.study_id or r.id for r in ds.records])
@@ -198,6 +251,9 @@ def evaluate_split(model, ds, tokenizer, labels: dict, *, text_cache=None, devic
             for j, k in enumerate(kk):
                 out[f"organ2v_recall@{k}"] = _cluster_mean_ci(oh[:, j], pid[q_rows], n_boot, seed)
             out["organ2v_queries"] = len(q_text)
+
+    if getattr(model, "finding_head", None) is not None:
+        out["explanations@10"] = explanation_quality(model, v, ds, pid)
 
     # zero-shot
     pe = prompt_embeddings(lambda xs: encode_texts(model, xs, tokenizer, device, text_cache=text_cache), names)
@@ -295,6 +351,14 @@ def run_variant(name: str, recipe: str, overrides: dict, data: str | Path, out_d
     t0 = time.perf_counter()
     last = trainer.fit()
     wall = time.perf_counter() - t0
+    if model.finding_head is not None:
+        from .calibrate import calibrate_finding_thresholds
+
+        val = PairDataset.from_manifest(data, model.cfg, "val")
+        calibration = calibrate_finding_thresholds(model, val, tokenizer, text_cache=cache,
+                                                   device=device)
+        (run_dir / "calibration.json").write_text(json.dumps(calibration, indent=1))
+        trainer.save()  # the thresholds are a model buffer: into the checkpoint with it
     rows[name] = {"variant": name, "recipe": cfg.to_dict(), "steps": trainer.step,
                   "samples_seen": trainer.samples_seen, "train_pairs": len(sub),
                   "wall_s": wall, "train_wall_s": trainer.compute["wall_s"],

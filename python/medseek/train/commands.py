@@ -1,6 +1,7 @@
 """``medseek train``: train a dual encoder from a recipe on a manifest corpus.
 
     medseek train --recipe tiny-wrist --data corpora/synth-wrist --out runs/wrist [--steps N] [--resume]
+    medseek train --release chest-xr --out runs/release-chest-xr     # reproduce a shipped model
 
 Writes ``RUN_DIR/recipe.json`` (the resolved recipe), ``metrics.jsonl``,
 ``curation.json`` (when the recipe curates) and ``checkpoint.safetensors``. Under
@@ -16,9 +17,12 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a dual encoder from a recipe",
                               description="Train a dual encoder (medseek.train) from a recipe.")
-    p.add_argument("--recipe", required=True, help="recipe name (tiny-cxr, tiny-wrist, tiny-ct, demo, "
-                   "small, base) or a JSON path")
-    p.add_argument("--data", required=True, help="corpus directory holding manifest.parquet")
+    p.add_argument("--recipe", help="recipe name (tiny-cxr, tiny-wrist, tiny-ct, demo, "
+                   "small, base, retrieval-cxr) or a JSON path")
+    p.add_argument("--data", help="corpus directory holding manifest.parquet")
+    p.add_argument("--release", default=None, help="reproduce a shipped model (e.g. chest-xr): "
+                   "builds its corpus, trains its recipe, calibrates and evaluates it, writes "
+                   "OUT/release/ and compares the test metrics with the shipped card")
     p.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.safetensors")
@@ -38,12 +42,37 @@ def _init_distributed(device_type: str) -> bool:
     return True
 
 
+def run_release(args: argparse.Namespace) -> int:
+    from medseek.models.release import list_releases, read_card
+
+    from .release import compare_to_card, reproduce
+
+    card = reproduce(args.release, args.out, steps=args.steps)
+    print(f"train: release written to {args.out}/release/{args.release}.safetensors "
+          f"({card['bytes'] / 2**20:.1f} MB)")
+    if args.release not in list_releases():
+        return 0
+    rows = compare_to_card(card, read_card(args.release))
+    for r in rows:
+        print(f"  {r['metric']:16s} shipped {r['shipped']:.3f}  new {r['new']:.3f}  "
+              f"{'ok' if r['ok'] else 'DIFFERS'} (tolerance {r['tolerance']})")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
 def run_train(args: argparse.Namespace) -> int:
     import json
     import os
     from pathlib import Path
 
     import torch
+
+    if args.release is not None:
+        if args.recipe or args.data or args.resume:
+            raise SystemExit("medseek train: --release takes its own recipe and corpus; "
+                             "leave out --recipe, --data and --resume")
+        return run_release(args)
+    if not args.recipe or not args.data:
+        raise SystemExit("medseek train: --recipe and --data are required (or --release NAME)")
 
     from medseek.models.factory import create_model
 
@@ -79,6 +108,17 @@ def run_train(args: argparse.Namespace) -> int:
         (out / "recipe.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         print(f"train: {len(train)} pairs, optimizer split {describe_split(trainer.split)}")
     last = trainer.fit()
+    if trainer.rank == 0 and model.finding_head is not None and val is not None:
+        from .calibrate import NEVER, calibrate_finding_thresholds
+        from .data import load_tokenizer
+
+        calibration = calibrate_finding_thresholds(
+            model, val, load_tokenizer(model.cfg.text.max_length), device=device)
+        (out / "calibration.json").write_text(json.dumps(calibration, indent=1))
+        trainer.save()  # the thresholds are a model buffer: into the checkpoint with it
+        shown = sum(c["threshold"] < NEVER for c in calibration.values())
+        print(f"train: finding thresholds fitted on {len(val)} validation items: "
+              f"{shown} of {len(calibration)} findings can be shown")
     if trainer.rank == 0:
         print(f"train: step {trainer.step}, loss {last.get('loss', float('nan')):.4f}, "
               f"{trainer.samples_seen} samples, {trainer.compute['wall_s']:.1f} s wall; "

@@ -12,6 +12,8 @@ sentences are tokenised by the text tower's tokenizer (MiniLM's ``tokenizer.json
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -103,7 +105,8 @@ class PairDataset:
         col = {n: j for j, n in enumerate(self.label_names)}
         labels = np.zeros(len(self.label_names), dtype=np.float32)
         labels[[col[lab] for lab in rec.labels]] = 1.0
-        item = {"report": rec.report, "labels": labels, "id": rec.id}
+        item = {"report": rec.report, "labels": labels, "id": rec.id,
+                "findings": item_findings(rec.report, rec.labels)}
         if self.model_cfg.modality == "image":
             item.update(self._image(rec))
         else:
@@ -180,11 +183,40 @@ class PairDataset:
                 "valid": valid, "organs": organs, "depth": v.chunk_depth}
 
 
+@functools.lru_cache(maxsize=65536)
+def report_finding_vector(report: str) -> np.ndarray:
+    """The findings a report asserts (negation-aware extraction, plus a ``normal`` axis):
+    the targets of the finding loss, one row of :func:`medseek.text.concepts.report_concepts`.
+    Cached: a report is read once per run, not once per step."""
+    from medseek.text.concepts import report_concepts
+
+    row = report_concepts([report])[0]
+    row.setflags(write=False)
+    return row
+
+
+def item_findings(report: str, labels: tuple[str, ...] = ()) -> np.ndarray:
+    """The finding-loss targets of an item: what its report asserts
+    (:func:`report_finding_vector`), plus its curated labels that name a lexicon finding
+    (IU's MeSH labels were assigned by people reading the same report, and catch what
+    the extraction misses); ``normal`` only when neither names a finding."""
+    from medseek.text.concepts import concept_names
+
+    row = report_finding_vector(report).copy()
+    index = {n: j for j, n in enumerate(concept_names())}
+    named = [index[lab] for lab in labels if lab in index and lab != "normal"]
+    if named:
+        row[named] = 1.0
+        row[index["normal"]] = 0.0
+    return row
+
+
 def collate(items: list[dict], tokenizer, text_ids: dict) -> dict:
     """Stack items into the batch dict that :func:`medseek.train.losses.encode_batch` reads."""
     ids, mask = tokenize(tokenizer, [it["report"] for it in items])
     batch = {"input_ids": ids, "attention_mask": mask,
              "labels": torch.from_numpy(np.stack([it["labels"] for it in items])),
+             "findings": torch.from_numpy(np.stack([it["findings"] for it in items])),
              "ids": [it["id"] for it in items]}
     if "image" in items[0]:
         batch["images"] = torch.from_numpy(np.stack([it["image"] for it in items]))

@@ -36,11 +36,33 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import PairDataset, collate, load_tokenizer, tokenize
 from .losses import combine_losses, encode_batch
-from .optim import build_optimizer, describe_split
+from .optim import build_optimizer, describe_split, lr_factor
 from .recipe import TrainConfig
 from .text_features import TextFeatureCache, freeze_text_layers, text_tower_frozen
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+def shift_images(batch: dict, fraction: float, seed: int) -> None:
+    """Shift each image of ``batch["images"]`` (B, C, H, W) in place by its own random
+    ``(dy, dx)`` of up to ``fraction`` of the side (wrapping round), and its region boxes
+    with it. Drawn from ``seed`` alone, so a resumed run shifts as the first one did."""
+    images = batch["images"]
+    h, w = images.shape[-2:]
+    gen = torch.Generator().manual_seed(seed)
+    my, mx = int(fraction * h), int(fraction * w)
+    dy = torch.randint(-my, my + 1, (images.shape[0],), generator=gen)
+    dx = torch.randint(-mx, mx + 1, (images.shape[0],), generator=gen)
+    for b in range(images.shape[0]):
+        images[b] = torch.roll(images[b], shifts=(int(dy[b]), int(dx[b])), dims=(-2, -1))
+    if "boxes" in batch and batch["boxes"].numel():
+        offset = torch.stack((dx, dy, dx, dy), dim=1).to(batch["boxes"].dtype)  # (B, 4)
+        boxes = batch["boxes"] + offset[:, None, :]
+        # kept inside the image with at least a pixel of area (the content wrapped round)
+        x0, y0 = boxes[..., 0].clamp(0, w - 1), boxes[..., 1].clamp(0, h - 1)
+        x1 = torch.maximum(boxes[..., 2].clamp(1, w), x0 + 1)
+        y1 = torch.maximum(boxes[..., 3].clamp(1, h), y0 + 1)
+        batch["boxes"] = torch.stack((x0, y0, x1, y1), dim=-1)
 
 
 class _GatherCat(torch.autograd.Function):
@@ -177,8 +199,7 @@ class Trainer:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _lr_factor(self) -> float:
-        w = self.cfg.optim.warmup_steps
-        return min(1.0, (self.step + 1) / w) if w else 1.0
+        return lr_factor(self.cfg.optim, self.step, self.cfg.steps)
 
     def train_step(self) -> dict:
         """One optimizer step; returns the logged numbers."""
@@ -198,6 +219,8 @@ class Trainer:
             mine = idx[self.rank * local:(self.rank + 1) * local]
             items = [self._item(i) for i in mine]
             batch = collate(items, self.tokenizer, self.train.text_ids)
+            if cfg.augment_shift > 0 and "images" in batch:
+                shift_images(batch, cfg.augment_shift, cfg.seed * 1_000_003 + self.position)
             if self.text_cache is not None:
                 batch.update(cached_text_features(self.model, items, self.text_cache))
             batch = self._to_device(batch)

@@ -21,6 +21,13 @@ Terms (each weighted by :class:`LossConfig`; a weight of 0 skips the term entire
   mean of the projected chunk embeddings over the organ's z-range
   (:func:`medseek.models.vit3d.organ_embedding`); it is paired with that organ's sentence
   of the report, equal sentences handled as for regions.
+* ``finding``: LGDEA's evidence alignment. The findings a report asserts are extracted
+  with negation, joined with the item's curated labels that name a finding
+  (:func:`medseek.train.data.item_findings`); a linear finding head
+  on the unit embedding is trained to predict them from the image embedding and from the
+  report embedding alike (:func:`finding_loss`, BCE). This is where the label signal
+  enters densely: contrastive pairs only say "this report, not those 31", while every
+  image now also learns which of ~60 findings its report asserts.
 * ``gap``: the modality-gap-closing term. The modality-gap seed ("the modality gap is
   present also in medical alignment ... we propose a modality-agnostic framework that
   closes this gap") gives no formula in its abstract; we use the two quantities that
@@ -58,6 +65,9 @@ class LossConfig:
     w_region: float = 0.0  # WristMIR region ↔ caption
     w_organ: float = 0.0  # SigVLP organ (chunks over z-range) ↔ organ sentence
     w_gap: float = 0.0  # modality-gap closing
+    # LGDEA-style evidence: BCE of the model's finding head on image and report embeddings
+    # against the findings extracted from the report (needs config finding_head: true)
+    w_finding: float = 0.0
     gap_uniformity: float = 0.0  # weight u of the uniformity part of the gap term
 
     def __post_init__(self) -> None:
@@ -65,7 +75,7 @@ class LossConfig:
             raise ValueError(f"contrastive must be one of {CONTRASTIVE}, got {self.contrastive!r}")
         if self.soft_labels and self.contrastive != "clip":
             raise ValueError("soft_labels needs contrastive='clip' (the sigmoid loss has no soft targets)")
-        for name in ("w_global", "w_region", "w_organ", "w_gap", "gap_uniformity"):
+        for name in ("w_global", "w_region", "w_organ", "w_gap", "gap_uniformity", "w_finding"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
@@ -130,6 +140,15 @@ def modality_gap_loss(x: torch.Tensor, y: torch.Tensor, uniformity: float = 0.0)
         off = ~torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
         gap = gap + uniformity * torch.log(torch.exp(-2.0 * d2[off]).mean())
     return gap
+
+
+def finding_loss(model, vis: torch.Tensor, txt: torch.Tensor, findings: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of ``model.finding_logits`` on image and on report embeddings (B, D)
+    against the report's findings ``(B, F)`` 0/1: one evidence space for both modalities.
+    """
+    target = findings.to(vis.dtype)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    return 0.5 * (bce(model.finding_logits(vis), target) + bce(model.finding_logits(txt), target))
 
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -208,7 +227,10 @@ def combine_losses(model, emb: dict[str, torch.Tensor], batch: dict, cfg: LossCo
                                            gather(emb[f"{key}_group"]), scale, bias, cfg.contrastive)
     if cfg.w_gap > 0:
         parts["gap"] = modality_gap_loss(vis, txt, cfg.gap_uniformity)
-    weights = {"global": cfg.w_global, "region": cfg.w_region, "organ": cfg.w_organ, "gap": cfg.w_gap}
+    if cfg.w_finding > 0:
+        parts["finding"] = finding_loss(model, vis, txt, gather(batch["findings"]))
+    weights = {"global": cfg.w_global, "region": cfg.w_region, "organ": cfg.w_organ,
+               "gap": cfg.w_gap, "finding": cfg.w_finding}
     if not parts:
         raise ValueError("no loss term is active: every weight is 0 or its inputs are missing")
     total = sum(weights[k] * v for k, v in parts.items())

@@ -16,6 +16,8 @@ biases and scalars are not decayed). One optimizer object keeps checkpointing si
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,19 @@ from torch import nn
 from medseek import kernels
 
 OPTIMIZERS = ("muon", "adamw")
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(cfg: "OptimConfig", step: int, total_steps: int) -> float:
+    """The multiplier of every group's base lr at optimizer step ``step`` (0-based) of
+    ``total_steps``: linear warm-up, then constant or cosine down to ``min_lr_ratio``."""
+    w = cfg.warmup_steps
+    if w and step < w:
+        return (step + 1) / w
+    if cfg.schedule == "constant" or total_steps <= w + 1:
+        return 1.0
+    t = min(1.0, (step - w) / (total_steps - w - 1))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,9 @@ class OptimConfig:
     adam_eps: float = 1e-8
     adam_weight_decay: float = 0.05  # on AdamW's matrix-shaped params (embedding tables)
     warmup_steps: int = 0  # linear warm-up of every group's lr
+    # after warm-up: "constant", or "cosine" decay to min_lr_ratio x lr at the last step
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -52,6 +70,10 @@ class OptimConfig:
             raise ValueError(f"ns_steps must be an int >= 1, got {self.ns_steps!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
 
 

@@ -60,6 +60,10 @@ class TrainConfig:
     # per report, so a frozen pretrained MiniLM costs one forward per report per run);
     # k: the top k transformer layers train, embeddings and lower layers are frozen
     text_trainable_layers: int = -1
+    # radiographs: each training image is shifted by up to this fraction of its side in
+    # y and x (torch.roll, region boxes moved with it), drawn per sample from the seed and
+    # step; no flips, since laterality is part of what a finding is. 0: no augmentation
+    augment_shift: float = 0.0
     model_overrides: dict = field(default_factory=dict)
     name: str = ""
 
@@ -72,6 +76,8 @@ class TrainConfig:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be divisible by accum_steps ({self.accum_steps})"
             )
+        if not 0 <= self.augment_shift < 0.5:
+            raise ValueError(f"augment_shift must be in [0, 0.5), got {self.augment_shift!r}")
         if not isinstance(self.text_trainable_layers, int) or self.text_trainable_layers < -1:
             raise ValueError(f"text_trainable_layers must be an int >= -1, got {self.text_trainable_layers!r}")
         for n in ("log_every", "eval_every", "save_every"):

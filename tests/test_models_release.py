@@ -1,0 +1,78 @@
+"""Released weights: fp16 files without the pretrained text tower, a card with a SHA-256,
+and a loaded model that embeds as the saved one did."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medseek.models.factory import create_model
+from medseek.models.release import list_releases, load_release, read_card, save_release
+
+
+@pytest.fixture(scope="module")
+def trained_like():
+    """cxr-retrieval with every non-text tensor moved off its initial value."""
+    torch.manual_seed(0)
+    model = create_model("cxr-retrieval").eval()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not name.startswith("text.") and t.is_floating_point():
+                t.add_(0.1 * torch.randn_like(t).abs() if "running_var" in name
+                       else 0.1 * torch.randn_like(t))
+        model.finding_threshold.copy_(torch.linspace(-1, 1, model.finding_threshold.numel()))
+    return model
+
+
+def test_round_trip_embeds_as_before(tmp_path, trained_like):
+    card = save_release(trained_like, tmp_path, "r", {"recipe": "retrieval-cxr", "steps": 7})
+    weights = tmp_path / "r.safetensors"
+    assert card["bytes"] == weights.stat().st_size < 20 * 2**20
+    assert card["model"] == "cxr-retrieval" and card["steps"] == 7 and card["excluded"]
+    assert json.loads((tmp_path / "r.json").read_text()) == card == read_card(tmp_path / "r.json")
+
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        keys = set(f.keys())
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in keys
+                   if f.get_tensor(k).is_floating_point())
+    assert keys and not any(k.startswith("text.") for k in keys)
+    assert "finding_threshold" in keys and "visual.stem.1.running_var" in keys
+
+    loaded = load_release(tmp_path / "r.json")
+    x = torch.rand(5, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = trained_like.encode_image(x).numpy(), loaded.encode_image(x).numpy()
+    assert np.abs(a - b).max() < 2e-3 and (a * b).sum(1).min() > 0.9995
+    torch.testing.assert_close(loaded.finding_threshold, trained_like.finding_threshold,
+                               rtol=1e-3, atol=1e-3)
+    sd = trained_like.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in loaded.state_dict().items() if k.startswith("text."))
+
+
+def test_a_changed_file_or_a_modified_config_is_refused(tmp_path, trained_like):
+    save_release(trained_like, tmp_path, "r", {})
+    data = bytearray((tmp_path / "r.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "r.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match the SHA-256"):
+        load_release(tmp_path / "r.json")
+    other = create_model("cxr-retrieval", embed_dim=64)
+    with pytest.raises(ValueError, match="shipped model config, unchanged"):
+        save_release(other, tmp_path, "x", {})
+    with pytest.raises(ValueError, match="release must be"):
+        load_release("no-such-release")
+
+
+@pytest.mark.parametrize("name", list_releases())
+def test_shipped_releases_load_and_match_their_cards(name):
+    card = read_card(name)
+    assert card["bytes"] < 20 * 2**20
+    model = load_release(name)
+    assert model.cfg.name == card["model"]
+    for metric in card["test"].values():
+        assert metric["lo"] <= metric["value"] <= metric["hi"]

@@ -1,0 +1,69 @@
+"""Calibrated finding thresholds and the concept bank built on them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from medseek.search.explain import ConceptBank, explain
+from medseek.train.calibrate import NEVER, precision_threshold
+
+
+def test_threshold_is_the_lowest_that_keeps_the_precision():
+    logits = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    positive = np.array([1, 1, 0, 1, 0, 0], dtype=bool)
+    # top 1: 1/1, top 2: 2/2, top 3: 2/3, top 4: 3/4, top 5: 3/5
+    assert precision_threshold(logits, positive, 0.75, 1) == (1.0, 0.75, 1.0)
+    assert precision_threshold(logits, positive, 0.8, 1) == (3.0, 1.0, 2 / 3)
+    t, p, r = precision_threshold(logits, positive, 0.8, 3)  # 2 kept are too few
+    assert t == NEVER and math.isnan(p) and r == 0.0
+    # at 0.5 every item may be kept (3 of 6): the threshold lies below the lowest logit
+    assert precision_threshold(logits, positive, 0.5, 1) == (-1.0, 0.5, 1.0)
+
+
+def test_ties_are_never_split():
+    logits = np.array([2.0, 1.0, 1.0, 0.0])
+    positive = np.array([1, 1, 0, 0], dtype=bool)
+    # ranks 2 and 3 share a logit: a threshold keeps both or neither
+    t, p, _ = precision_threshold(logits, positive, 0.9, 1)
+    assert t == 1.0 and p == 1.0  # keeps the top one only
+    t, p, _ = precision_threshold(logits, positive, 0.6, 1)
+    assert t == 0.0 and p == pytest.approx(2 / 3)
+
+
+def test_no_positive_or_no_qualifying_cut_is_never_shown():
+    logits = np.array([1.0, 0.5])
+    assert precision_threshold(logits, np.zeros(2, bool), 0.8, 1)[0] == NEVER
+    assert precision_threshold(logits, np.array([0, 1], bool), 0.8, 1)[0] == NEVER
+
+
+def test_linear_bank_scores_are_calibrated_margins():
+    rng = np.random.default_rng()
+    w = rng.standard_normal((4, 6))
+    b = rng.standard_normal(4)
+    t = np.array([0.0, 1.0, -1.0, NEVER])
+    bank = ConceptBank.from_linear(["a", "b", "c", "d"], w, b, t)
+    e = rng.standard_normal((9, 6))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    logits = e @ w.T + b
+    np.testing.assert_allclose(bank.scores(e), (logits - t) / np.linalg.norm(w, axis=1),
+                               rtol=1e-5, atol=1e-5)
+    assert ((bank.scores(e) > 0) == (logits > t)).all()
+    assert not (bank.scores(e)[:, 3] > 0).any()  # NEVER: never shown
+    with pytest.raises(ValueError, match="weight rows \\[1\\] are zero"):
+        ConceptBank.from_linear(["a", "b"], np.array([[1.0, 0.0], [0.0, 0.0]]), np.zeros(2), np.zeros(2))
+
+
+def test_prompt_pair_bank_shows_what_is_closer_than_its_negation():
+    present = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    absent = np.array([[0.0, 0.0, 1.0], [0.0, 0.6, 0.8]])
+    bank = ConceptBank.from_prompt_pairs(["x", "y"], present, absent)
+    e = np.array([[0.8, 0.0, 0.6], [0.0, 0.0, 1.0]])
+    s = bank.scores(e)
+    want = np.sign(e @ present.T - e @ absent.T)
+    np.testing.assert_array_equal(np.sign(s), want)
+    # a hit explained by what it and the query both show, and nothing else
+    why = explain(s[0], s, ["x", "y"])
+    assert [m.concept for m in why[0]] == ["x"] and why[1] == ()
