@@ -29,13 +29,19 @@ from pathlib import Path
 import numpy as np
 
 
-def service_scores(responses: list, archive_ids: list[str]) -> np.ndarray:
-    """``(Q, N)`` scores of the returned hits; everything not returned ranks below."""
+def service_scores(responses: list, archive_ids: list[str],
+                   excluded: np.ndarray | None = None) -> np.ndarray:
+    """``(Q, N)`` scores of the returned hits. Items not returned rank below every hit but
+    still count in the ideal ranking (a finite floor; ``ndcg_at_k`` leaves ``-inf`` items
+    out of the ideal), except those the query excluded (``excluded`` (Q, N) bool: its own
+    patient, ``-inf`` as in the in-process protocol)."""
     col = {i: j for j, i in enumerate(archive_ids)}
-    s = np.full((len(responses), len(archive_ids)), -np.inf)
+    s = np.full((len(responses), len(archive_ids)), -1e30)
     for q, resp in enumerate(responses):
         for h in resp.hits:
             s[q, col[h.id]] = h.score
+    if excluded is not None:
+        s[excluded] = -np.inf
     return s
 
 
@@ -107,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             text=recs[i].report, k=args.k, collection="image", diversify=False), timeout=300.0)
             for i in first]
         print(f"{len(i2i) + len(t2i)} queries in {time.perf_counter() - t0:.0f} s", flush=True)
+    own = pid[:, None] == pid[None, :]
     served = {
-        "i2i_ndcg@10": _cluster_mean_ci(ndcg_at_k(service_scores(i2i, ids), jac, args.k), pid,
-                                        args.n_boot, 0),
+        "i2i_ndcg@10": _cluster_mean_ci(ndcg_at_k(service_scores(i2i, ids, own), jac, args.k),
+                                        pid, args.n_boot, 0),
         "t2i_ndcg@10": _cluster_mean_ci(ndcg_at_k(service_scores(t2i, ids), jac[first], args.k),
                                         pid[first], args.n_boot, 0),
         "explanations@10": explanation_precision(i2i, truth),
@@ -128,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     (args.out / "quality.json").write_text(json.dumps(
         {"release": str(args.release), "data": str(args.data), "in_process": local,
-         "service": served}, indent=1, default=float))
+         "service": served, "queries": ids,
+         "i2i_hits": [[(h.id, h.score) for h in r.hits] for r in i2i]}, indent=1, default=float))
     (args.out / "quality.md").write_text(table + "\n")
     return 0
 

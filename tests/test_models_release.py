@@ -76,3 +76,25 @@ def test_shipped_releases_load_and_match_their_cards(name):
     assert model.cfg.name == card["model"]
     for metric in card["test"].values():
         assert metric["lo"] <= metric["value"] <= metric["hi"]
+
+
+def test_reproduce_writes_a_release_with_test_metrics(tmp_path):
+    """The whole `medseek train --release` path on a tiny corpus and two steps: corpus,
+    training, calibration, test metrics with CIs in the card, a loadable release."""
+    from medseek.train.release import compare_to_card, reproduce
+
+    card = reproduce("chest-xr", tmp_path, steps=2, n_boot=50,
+                     corpus_overrides={"n": 120, "size": 64}, log=lambda *_: None)
+    assert card["steps"] == 2 and card["corpus"]["n"] == 120 and card["recipe"] == "retrieval-cxr"
+    assert set(card["test"]) >= {"i2i_ndcg@10", "t2i_ndcg@10"}
+    for name in ("i2i_ndcg@10", "t2i_ndcg@10"):  # (zero-shot needs more test positives)
+        m = card["test"][name]
+        assert 0 <= m["lo"] <= m["value"] <= m["hi"] <= 1, (name, m)
+    assert (tmp_path / "runs" / "chest-xr" / "calibration.json").is_file()
+    model = load_release(tmp_path / "release" / "chest-xr.json")
+    assert model.concept_bank() is not None
+    rows = compare_to_card(card, card)
+    assert rows and all(r["ok"] for r in rows)
+    worse = json.loads(json.dumps(card))
+    worse["test"]["i2i_ndcg@10"]["value"] -= 0.2
+    assert not all(r["ok"] for r in compare_to_card(worse, card))

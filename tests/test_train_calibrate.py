@@ -67,3 +67,42 @@ def test_prompt_pair_bank_shows_what_is_closer_than_its_negation():
     # a hit explained by what it and the query both show, and nothing else
     why = explain(s[0], s, ["x", "y"])
     assert [m.concept for m in why[0]] == ["x"] and why[1] == ()
+
+
+def test_the_calibrated_bank_travels_in_the_spec_and_the_server_uses_it():
+    """EncoderSpec carries the finding bank (spec.json → Triton/ONNX encoders), and the
+    server explains with an encoder's own bank, or with finding-vs-negation prompts."""
+    import json
+
+    import torch
+
+    from medseek.encoders.base import EncoderSpec, spec_concept_bank
+    from medseek.models.factory import create_model
+    from medseek.serve.server import concept_bank
+
+    torch.manual_seed(0)
+    model = create_model("cxr-retrieval", pretrained_text=False).eval()
+    with torch.no_grad():
+        model.finding_threshold.uniform_(-1, 1)
+    spec = EncoderSpec.from_dict(json.loads(json.dumps(EncoderSpec.from_model(model).to_dict())))
+    e = torch.nn.functional.normalize(torch.randn(7, model.embed_dim), dim=1)
+    want = model.concept_bank().scores(e.numpy())
+    np.testing.assert_allclose(spec_concept_bank(spec).scores(e.numpy()), want, rtol=1e-5, atol=1e-6)
+    logits = model.finding_logits(e) - model.finding_threshold
+    assert ((want > 0) == (logits > 0).numpy()).all()
+    assert EncoderSpec.from_config_name("cxr-retrieval").concepts is None  # shapes only
+
+    class WithBank:
+        def concept_bank(self):
+            return model.concept_bank()
+
+    assert concept_bank(WithBank()).names == model.concept_bank().names
+
+    class PromptsOnly:  # no bank of its own: each finding against its negation
+        def encode_texts(self, texts):
+            rng = np.random.default_rng(len(texts[0]))
+            x = rng.standard_normal((len(texts), 8))
+            return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    bank = concept_bank(PromptsOnly())
+    assert "pleural effusion" in bank.names and bank.embeddings.shape[1] == 8

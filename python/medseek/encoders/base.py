@@ -75,7 +75,7 @@ class EncoderSpec:
         """Spec of a :class:`medseek.models.DualEncoder`."""
         cfg = model.cfg
         v = cfg.vision
-        bank = model.concept_bank() if hasattr(model, "concept_bank") else None
+        bank = model.concept_bank()
         concepts = None if bank is None else {
             "names": list(bank.names), "directions": bank.embeddings.tolist(),
             "baseline": bank.baseline.tolist()}

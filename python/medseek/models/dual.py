@@ -210,9 +210,9 @@ class DualEncoder(nn.Module):
         """The finding head as a :class:`medseek.search.explain.ConceptBank`: a finding's
         score for an embedding is its logit margin over the calibrated threshold, in
         units of the head's weight norm, so "score > 0" means "the finding head shows it"
-        (None for a model without a finding head)."""
-        if self.finding_head is None:
-            return None
+        (None for a model without a finding head, or a shape-only one)."""
+        if self.finding_head is None or self.finding_head.weight.is_meta:
+            return None  # no head, or a shape-only model (no values to explain with)
         from medseek.search.explain import ConceptBank
         from medseek.text.concepts import concept_names
 

@@ -39,7 +39,7 @@ def precision_threshold(logits: np.ndarray, positive: np.ndarray, target_precisi
 
 
 @torch.no_grad()
-def calibrate_finding_thresholds(model, val_ds, tokenizer, *, target_precision: float = 0.8,
+def calibrate_finding_thresholds(model, val_ds, tokenizer, *, target_precision: float = 0.9,
                                  min_support: int = 5, text_cache=None, device="cpu") -> dict:
     """Fit ``model.finding_threshold`` on ``val_ds`` (module doc); returns a JSON-ready
     report ``{finding: {threshold, val_precision, val_recall, val_positives}}``."""
