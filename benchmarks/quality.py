@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from medseek.text.concepts import concept_names
     from medseek.train.ablation import _cluster_mean_ci, _patients, choose_labels, evaluate_split
     from medseek.train.data import PairDataset, item_findings, load_tokenizer
+    from medseek.train.loop import embed_dataset
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--release", default="chest-xr", help="shipped release name or card path")
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(model.cfg.text.max_length)
     t0 = time.perf_counter()
     local = evaluate_split(model, test, tok, choose_labels(train, test), n_boot=args.n_boot)
+    v, t = embed_dataset(model, test, tok)
     print(f"in process: {time.perf_counter() - t0:.0f} s", flush=True)
 
     recs = list(test.records)
@@ -91,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     pid = _patients(test)
     y = test.label_matrix()
     jac = label_overlap_relevance(y, y, "jaccard")
+    # report -> image: one query per study (its first image's report), as evaluate_split;
+    # a study whose report is empty cannot be asked through the API, so both columns
+    # leave it out
+    study = np.array([r.study_id or r.id for r in recs])
+    _, first = np.unique(study, return_index=True)
+    first = np.array([i for i in np.sort(first) if recs[i].report.strip()])
+    local["t2i_ndcg@10"] = _cluster_mean_ci(ndcg_at_k(t[first] @ v.T, jac[first], args.k),
+                                            pid[first], args.n_boot, 0)
     names = set(concept_names())
     truth = {r.id: {n for n, v in zip(concept_names(), item_findings(r.report, r.labels)) if v}
              & names for r in recs}
@@ -106,9 +116,6 @@ def main(argv: list[str] | None = None) -> int:
             image=(corpus / r.path).read_bytes(), k=args.k, collection="image", diversify=False,
             filters=pb.Filters(exclude_patients=[pseudonym("patient", r.patient_id)])),
             timeout=300.0) for r in recs]
-        study = np.array([r.study_id or r.id for r in recs])
-        _, first = np.unique(study, return_index=True)
-        first = np.sort(first)
         t2i = [site.client.search(pb.SearchRequest(
             text=recs[i].report, k=args.k, collection="image", diversify=False), timeout=300.0)
             for i in first]

@@ -82,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="training steps of every demo model (default: each recipe's)")
     parser.add_argument("--retrain", action="store_true",
                         help="reproduce the shipped models from scratch (medseek train "
-                             "--release; ~15 CPU-minutes for the chest model) and check their "
+                             "--release; ~20 minutes for the chest model here) and check their "
                              "test metrics against the model cards before serving them")
     parser.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     parser.add_argument("--seed", type=int, default=0)

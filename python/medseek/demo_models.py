@@ -121,7 +121,7 @@ def train_model(recipe_name: str, steps: int | None, corpus: Path, folder: Path)
     from medseek.train.commands import run_train
 
     args = argparse.Namespace(recipe=recipe_name, data=str(corpus), out=str(folder), steps=steps,
-                              resume=False, device="cpu", no_progress=True)
+                              resume=False, device="cpu", no_progress=True, release=None)
     rc = run_train(args)
     if rc != 0:
         raise RuntimeError(f"medseek train --recipe {recipe_name} failed with exit code {rc}")
