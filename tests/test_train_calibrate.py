@@ -106,3 +106,36 @@ def test_the_calibrated_bank_travels_in_the_spec_and_the_server_uses_it():
 
     bank = concept_bank(PromptsOnly())
     assert "pleural effusion" in bank.names and bank.embeddings.shape[1] == 8
+
+
+def test_explanation_quality_counts_shown_concepts_against_the_hits_findings():
+    from types import SimpleNamespace
+
+    from medseek.text.concepts import concept_names
+    from medseek.train.ablation import explanation_quality
+
+    names = concept_names()
+    eff, cardio = names.index("pleural effusion"), names.index("cardiomegaly")
+    # 2-d embeddings; the bank shows effusion when x > 0 and cardiomegaly when y > 0
+    w = np.zeros((len(names), 2))
+    w[:, 0] = -1.0  # every other concept: shown only for x < 0, never in this data
+    w[eff] = [1.0, 0.0]
+    w[cardio] = [0.0, 1.0]
+    bank = ConceptBank.from_linear(names, w, np.zeros(len(names)), np.zeros(len(names)))
+    model = SimpleNamespace(concept_bank=lambda: bank)
+    v = np.array([[0.6, 0.8], [0.8, 0.6], [0.6, -0.8]])
+    records = [SimpleNamespace(report="", labels=("pleural effusion", "cardiomegaly")),
+               SimpleNamespace(report="", labels=("pleural effusion",)),
+               SimpleNamespace(report="", labels=("cardiomegaly",))]
+    s = v @ v.T
+    np.fill_diagonal(s, -np.inf)  # each its own patient
+    q = explanation_quality(model, v, s, SimpleNamespace(records=records), k=2)
+    # shown = what both query and hit show. Query 0 (shows eff, cardio): hit 1 {eff,
+    # cardio} (eff right, cardio wrong), hit 2 {eff} (wrong). Query 1: hit 0 {eff, cardio}
+    # (both right), hit 2 {eff} (wrong). Query 2 (shows eff only): hit 1 {eff} (right),
+    # hit 0 {eff} (right). 8 shown, 5 right.
+    assert q["precision"] == pytest.approx(5 / 8)
+    assert q["shown_per_hit"] == pytest.approx(8 / 6)
+    # findings both assert: (0,1) eff; (0,2) cardio; (1,0) eff; (1,2) none; (2,1) none;
+    # (2,0) cardio -> 4, of which shown: eff, eff -> 2
+    assert q["recall"] == pytest.approx(2 / 4)

@@ -160,10 +160,12 @@ def image_to_image_ndcg(v: np.ndarray, ds, n_boot: int = 1000, seed: int = 0) ->
                             n_boot, seed)
 
 
-def explanation_quality(model, v: np.ndarray, ds, pid: np.ndarray, k: int = 10) -> dict:
-    """How right the concepts shown for image→image hits are (top ``k``, own patient
-    excluded), with the model's calibrated concept bank and the search pipeline's rule
-    (a concept explains a hit when its score is > 0 for both query and hit).
+def explanation_quality(model, v: np.ndarray, s: np.ndarray, ds, k: int = 10) -> dict:
+    """How right the concepts shown for image→image hits are, with the model's
+    calibrated concept bank and the search pipeline's rule (a concept explains a hit when
+    its score is > 0 for both query and hit). ``v`` (N, D) are the embeddings, ``s``
+    (N, N) their image→image scores with each query's own patient at ``-inf``; the hits
+    are each query's top ``k``.
 
     ``precision``: of the (hit, concept) pairs shown, the share whose concept the hit's
     report asserts; ``recall``: of the concepts both reports assert, the share shown;
@@ -176,8 +178,6 @@ def explanation_quality(model, v: np.ndarray, ds, pid: np.ndarray, k: int = 10) 
     bank = model.concept_bank()
     scores = bank.scores(v)  # (N, C)
     truth = np.stack([item_findings(r.report, r.labels) for r in ds.records]) > 0
-    s = v @ v.T
-    s[pid[:, None] == pid[None, :]] = -np.inf
     top = np.argsort(-s, axis=1, kind="stable")[:, :k]
     col = {n: j for j, n in enumerate(bank.names)}
     shown = correct = both = both_shown = 0
@@ -218,7 +218,7 @@ def evaluate_split(model, ds, tokenizer, labels: dict, *, text_cache=None, devic
     out: dict = {"n_items": len(ds), "n_patients": int(len(set(pid))), "n_boot": n_boot}
     jac = label_overlap_relevance(y, y, "jaccard")
     out["i2i_ndcg@10"] = image_to_image_ndcg(v, ds, n_boot, seed)
-    s = v @ v.T  # image -> image scores, own patient excluded (the rare-label P@10 below)
+    s = v @ v.T  # image -> image scores, own patient excluded (explanations, rare-label P@10)
     s[pid[:, None] == pid[None, :]] = -np.inf
 
     # report -> image: one query per study (its first item)
@@ -253,7 +253,7 @@ def evaluate_split(model, ds, tokenizer, labels: dict, *, text_cache=None, devic
             out["organ2v_queries"] = len(q_text)
 
     if getattr(model, "finding_head", None) is not None:
-        out["explanations@10"] = explanation_quality(model, v, ds, pid)
+        out["explanations@10"] = explanation_quality(model, v, s, ds)
 
     # zero-shot
     pe = prompt_embeddings(lambda xs: encode_texts(model, xs, tokenizer, device, text_cache=text_cache), names)
