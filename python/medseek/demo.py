@@ -509,6 +509,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nDone in {summary['total_s']:.0f} s; outputs in {out}/ (summary.json, "
           f"contact_sheets/, service/*/triton.log); cache: {len(cache.hits)} reused, "
           f"{len(cache.misses)} built")
-    print("The demo models are barely trained (minutes on a CPU): their rankings show the "
-          "path works, not what trained models reach (benchmarks/RESULTS.md).")
+    print("The chest model is the shipped trained release (its card and benchmarks/RESULTS.md "
+          "give its test metrics); the wrist and CT demo models are barely trained (minutes "
+          "on a CPU): their rankings show the path works, not what trained models reach.")
     return 0
