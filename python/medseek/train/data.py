@@ -13,7 +13,6 @@ sentences are tokenised by the text tower's tokenizer (MiniLM's ``tokenizer.json
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, replace
 from pathlib import Path
 

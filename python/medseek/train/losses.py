@@ -26,8 +26,9 @@ Terms (each weighted by :class:`LossConfig`; a weight of 0 skips the term entire
   (:func:`medseek.train.data.item_findings`); a linear finding head
   on the unit embedding is trained to predict them from the image embedding and from the
   report embedding alike (:func:`finding_loss`, BCE). This is where the label signal
-  enters densely: contrastive pairs only say "this report, not those 31", while every
-  image now also learns which of ~60 findings its report asserts.
+  enters densely: contrastive pairs only say "this report, not the rest of the batch",
+  while every image now also learns which of the lexicon's 46 findings (or "normal")
+  its item asserts.
 * ``gap``: the modality-gap-closing term. The modality-gap seed ("the modality gap is
   present also in medical alignment ... we propose a modality-agnostic framework that
   closes this gap") gives no formula in its abstract; we use the two quantities that
@@ -66,7 +67,7 @@ class LossConfig:
     w_organ: float = 0.0  # SigVLP organ (chunks over z-range) ↔ organ sentence
     w_gap: float = 0.0  # modality-gap closing
     # LGDEA-style evidence: BCE of the model's finding head on image and report embeddings
-    # against the findings extracted from the report (needs config finding_head: true)
+    # against the item's findings, train.data.item_findings (needs config finding_head: true)
     w_finding: float = 0.0
     gap_uniformity: float = 0.0  # weight u of the uniformity part of the gap term
 
@@ -144,7 +145,7 @@ def modality_gap_loss(x: torch.Tensor, y: torch.Tensor, uniformity: float = 0.0)
 
 def finding_loss(model, vis: torch.Tensor, txt: torch.Tensor, findings: torch.Tensor) -> torch.Tensor:
     """Mean BCE of ``model.finding_logits`` on image and on report embeddings (B, D)
-    against the report's findings ``(B, F)`` 0/1: one evidence space for both modalities.
+    against the item's findings ``(B, F)`` 0/1: one evidence space for both modalities.
     """
     target = findings.to(vis.dtype)
     bce = torch.nn.functional.binary_cross_entropy_with_logits
