@@ -12,7 +12,12 @@ reports (itself excluded: its score is set to -inf). Three rankers are compared:
   cosine. Many reports share one concept vector; ties are broken by report order.
   The lexicon was tuned to agree with these same MeSH labels, so this row is an upper
   reference for label-aware retrieval, not a fair competitor of the two above;
-- the mean of the MiniLM and concept cosines.
+- the mean of the MiniLM and concept cosines;
+- the same two with the laterality-aware concept vectors of
+  :func:`medseek.text.concepts.lateral_report_concepts` (the 47 axes plus one left and
+  one right axis per finding); the mean row is what ``medseek serve`` ranks its report
+  collection by (``medseek.serve.report_ranker``: ``hybrid_embedding`` with text weight
+  0.5, whose inner product is this mean).
 
 Relevance is graded: the Jaccard overlap of the two reports' sets of MeSH headings
 (first path component of each human ``mesh_major`` term, lower case), where
@@ -23,6 +28,17 @@ have relevance 1, a normal and an abnormal one 0, and "cardiomegaly + effusion" 
 over queries (:func:`medseek.eval.bootstrap.bootstrap_ci`), for all queries and for the
 abnormal ones (queries whose labels are not just ``normal``).
 
+First MeSH headings carry no side, so that nDCG cannot see laterality. A second table
+does: nDCG@10 with a side-aware relevance (:func:`side_aware_relevance`: the Jaccard
+overlap of the reports' normalised MeSH findings plus one ``finding/side`` label per side
+the human terms state, e.g. ``Pleural Effusion/right``), and the laterality agreement of
+the top 10 hits (:func:`medseek.text.evaluate.laterality_agreement`): over the queries
+that assert a finding on exactly one side, the fraction of hits that assert it on the
+same side, and the fraction on the opposite side only. Sides are read two ways: extracted
+from the text (:func:`medseek.text.concepts.finding_sides`, the extractor the ranker also
+uses) and from the human MeSH terms (:func:`medseek.data.mesh.finding_sides`,
+independent of it). ``--side-weights`` adds hybrid rows with the side axes scaled down.
+
 The report texts are read at run time from the installed ``torchxrayvision`` package
 (CC BY-NC-ND); nothing derived from them is written except the MiniLM embedding cache
 under ``runs/`` (git-ignored, local only).
@@ -30,6 +46,7 @@ under ``runs/`` (git-ignored, local only).
 Usage::
 
     python benchmarks/text_benchmarks.py [--k 10] [--n-boot 1000] [--cache runs/text_bench]
+                                         [--side-weights 0.35 0.7]
 """
 
 from __future__ import annotations
@@ -111,18 +128,40 @@ def cosine(emb: np.ndarray) -> np.ndarray:
     return (unit @ unit.T).astype(np.float64)
 
 
+def side_aware_relevance(mesh_sides: list[dict]) -> np.ndarray:
+    """Graded relevance that sees laterality: the Jaccard overlap of two reports' label
+    sets, each the report's normalised MeSH findings (``medseek.data.mesh``) plus one
+    ``finding/side`` label per side its terms state (bilateral: both)."""
+    from medseek.eval.metrics import label_overlap_relevance
+
+    labels = [set(s) | {f"{f}/{side}" for f, sides in s.items() for side in sides}
+              for s in mesh_sides]
+    vocab = {lab: j for j, lab in enumerate(sorted(set().union(*labels)))}
+    m = np.zeros((len(labels), len(vocab)), dtype=bool)
+    for i, labs in enumerate(labels):
+        m[i, [vocab[lab] for lab in labs]] = True
+    return label_overlap_relevance(m, m, mode="jaccard")
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--cache", type=Path, default=Path("runs/text_bench"))
+    parser.add_argument("--side-weights", type=float, nargs="*", default=[0.35, 0.7],
+                        help="also rank with the side axes scaled by these (served: 1)")
     args = parser.parse_args(argv)
 
     from medseek.data.iu import load_iu_reports, mesh_heading_matrix
+    from medseek.data.mesh import finding_sides as mesh_finding_sides
     from medseek.eval.bootstrap import bootstrap_ci
     from medseek.eval.metrics import label_overlap_relevance, ndcg_at_k
-    from medseek.text.concepts import report_concepts
+    from medseek.serve.report_ranker import HYBRID_TEXT_WEIGHT
+    from medseek.text.concepts import (concept_names, finding_sides, hybrid_embedding,
+                                       lateral_report_concepts, report_concepts)
+    from medseek.text.evaluate import laterality_agreement
+    from medseek.text.evidence import extract_evidence
 
     t_all = time.perf_counter()
     reports = [r for r in load_iu_reports() if r.text.strip()]
@@ -131,13 +170,28 @@ def main(argv: list[str] | None = None) -> str:
     relevance = label_overlap_relevance(heads, heads, mode="jaccard")
     abnormal = np.array([r.mesh_headings != frozenset({"normal"}) for r in reports])
     print(f"{len(reports)} reports with text; {int(abnormal.sum())} abnormal queries")
+    # laterality: sides as extracted from the text, and as the human MeSH terms state them
+    text_sides = [finding_sides(extract_evidence(t)) for t in texts]
+    mesh_sides = [mesh_finding_sides(r.mesh_major) for r in reports]
+    sided_relevance = side_aware_relevance(mesh_sides)
+    n_sided = [sum(any(len(v) == 1 for v in s.values()) for s in sides)
+               for sides in (text_sides, mesh_sides)]
 
-    rows = []
+    rows, side_rows = [], []
     cached: dict[str, np.ndarray] = {}
 
     def keep(name: str, scores: np.ndarray) -> np.ndarray:
         cached[name] = scores
         return scores
+
+    def hybrid_scores(side_weight: float) -> np.ndarray:
+        """What ``medseek serve`` ranks the report collection by (side_weight 1):
+        ``hybrid_embedding`` of MiniLM and the laterality-aware concepts."""
+        concepts = lateral_report_concepts(texts)
+        concepts[:, len(concept_names()):] *= side_weight
+        h = hybrid_embedding(minilm_embeddings(texts, args.cache, args.batch_size), concepts,
+                             HYBRID_TEXT_WEIGHT)
+        return (h @ h.T).astype(np.float64)
 
     rankers = {
         "BM25 (rank-bm25)": lambda: bm25_scores(texts),
@@ -147,6 +201,10 @@ def main(argv: list[str] | None = None) -> str:
         # how the service combines them: embedding similarity, concept agreement as a tie-breaker
         # and a pull towards reports asserting the same findings
         "MiniLM + concepts (mean of cosines)": lambda: 0.5 * (cached["minilm"] + cached["concepts"]),
+        "evidence concepts + laterality, cosine": lambda: cosine(lateral_report_concepts(texts)),
+        **{f"MiniLM + concepts + laterality, side axes x {w:g}": (lambda w=w: hybrid_scores(w))
+           for w in args.side_weights},
+        "MiniLM + concepts + laterality (served)": lambda: hybrid_scores(1.0),
     }
     for name, make_scores in rankers.items():
         t0 = time.perf_counter()
@@ -159,15 +217,32 @@ def main(argv: list[str] | None = None) -> str:
         rows.append((name, everyone, sick, seconds))
         print(f"{name}: nDCG@{args.k} {everyone[0]:.4f} [{everyone[1]:.4f}, {everyone[2]:.4f}] "
               f"abnormal {sick[0]:.4f} ({seconds:.1f} s)")
+        cols = [ndcg_at_k(scores, sided_relevance, args.k)]
+        for sides in (text_sides, mesh_sides):
+            cols += laterality_agreement(scores, sides, sides, args.k)
+        side_rows.append((name, [bootstrap_ci(c, n_boot=args.n_boot, seed=0) for c in cols]))
+        print("    side-aware nDCG {:.4f}; same/opposite side: extracted {:.3f}/{:.3f}, "
+              "MeSH {:.3f}/{:.3f}".format(*(ci[0] for ci in side_rows[-1][1])))
+
+    def cell(ci) -> str:
+        return f"{ci[0]:.3f} [{ci[1]:.3f}, {ci[2]:.3f}]"
 
     table = [
         f"| ranker | nDCG@{args.k}, all queries [95% CI] | nDCG@{args.k}, abnormal queries "
         "[95% CI] | scoring time (s) |",
         "|---|---|---|---:|",
     ]
-    for name, (e, lo, hi), (se, slo, shi), seconds in rows:
-        table.append(f"| {name} | {e:.3f} [{lo:.3f}, {hi:.3f}] | {se:.3f} [{slo:.3f}, {shi:.3f}] "
-                     f"| {seconds:.1f} |")
+    for name, everyone, sick, seconds in rows:
+        table.append(f"| {name} | {cell(everyone)} | {cell(sick)} | {seconds:.1f} |")
+    table += [
+        "",
+        f"| ranker | nDCG@{args.k}, side-aware MeSH relevance | top-{args.k} same side, "
+        f"extracted ({n_sided[0]} queries) | opposite side, extracted | same side, MeSH "
+        f"({n_sided[1]} queries) | opposite side, MeSH |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, cis in side_rows:
+        table.append(f"| {name} | " + " | ".join(cell(ci) for ci in cis) + " |")
     text = "\n".join(table)
     print(text)
     print(f"total {time.perf_counter() - t_all:.1f} s, {len(reports)} queries x "

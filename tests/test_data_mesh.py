@@ -39,3 +39,14 @@ def test_labels_drop_non_findings_and_deduplicate():
 def test_empty_term_is_an_error():
     with pytest.raises(ValueError, match="term"):
         parse_mesh_term(" / ")
+
+
+def test_finding_sides_of_mesh_terms():
+    from medseek.data.mesh import finding_sides
+
+    sides = finding_sides(["Pleural Effusion/right/small", "Pleural Effusion/left",
+                           "Pulmonary Atelectasis/base/bilateral/mild", "Cardiomegaly/mild",
+                           "Opacity/lung/base/left", "No Indexing"])
+    assert sides == {"pleural effusion": {"left", "right"},
+                     "atelectasis": {"left", "right"}, "cardiomegaly": frozenset(),
+                     "opacity": {"left"}}

@@ -53,9 +53,10 @@ def volume_batch(seed=0):
 def test_every_shipped_config_parses_and_counts():
     names = list_models()
     # the <task>-<size> grid, plus tiny vision towers with the full pretrained MiniLM
-    # (the tiny-cxr / tiny-ct recipes) and the shipped chest retrieval model
+    # (the tiny-cxr / tiny-ct recipes) and the shipped retrieval models
     assert names == sorted([f"{t}-{s}" for t in ("ct", "cxr", "wrist") for s in SIZES]
-                           + ["ct-tiny-minilm", "cxr-tiny-minilm", "cxr-retrieval"])
+                           + ["ct-tiny-minilm", "cxr-tiny-minilm"]
+                           + [f"{t}-retrieval" for t in ("ct", "cxr", "wrist")])
     totals = {}
     for name in names:
         cfg = load_config(name)

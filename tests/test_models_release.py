@@ -98,3 +98,24 @@ def test_reproduce_writes_a_release_with_test_metrics(tmp_path):
     worse = json.loads(json.dumps(card))
     worse["test"]["i2i_ndcg@10"]["value"] -= 0.2
     assert not all(r["ok"] for r in compare_to_card(worse, card))
+
+
+@pytest.mark.parametrize("name, overrides, metric", [
+    ("wrist", {"n": 60, "size": 64}, "region_diagnosis.majority.macro_f1_global"),
+    ("chest-ct", {"n": 60, "matrix": [32, 32], "slices": [16, 24]}, "t2i_recall@5"),
+])
+def test_reproduce_wrist_and_ct_releases(tmp_path, name, overrides, metric):
+    """The wrist card carries the kNN fracture F1 (global and region rerank), the CT card
+    report->volume recall; both reproduce end to end on tiny corpora."""
+    from medseek.train.release import RELEASES, compare_to_card, reproduce
+
+    card = reproduce(name, tmp_path, steps=2, n_boot=50, corpus_overrides=overrides,
+                     log=lambda *_: None)
+    assert card["recipe"] == RELEASES[name]["recipe"] and card["corpus"]["n"] == overrides["n"]
+    m = card["test"][metric]
+    assert 0 <= m["lo"] <= m["value"] <= m["hi"] <= 1, m
+    if name == "wrist":
+        assert "region_diagnosis.calibrated.macro_f1_region" in card["test"]
+        assert load_release(tmp_path / "release" / "wrist.json").region_head is not None
+    rows = compare_to_card(card, card)
+    assert any(r["metric"] == metric for r in rows) and all(r["ok"] for r in rows)

@@ -243,7 +243,11 @@ def test_delete_then_never_returned_and_get_not_found(client, ingested):
         client.search(pb.SearchRequest(item_id="r-tmp"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "item_id" in err.value.details()
     got = client.get(["r-cardio"], with_embedding=True).items[0]
-    assert got.labels == ["cardiomegaly"] and len(got.embedding) == 384
+    # the report collection holds hybrid vectors: MiniLM (384) + laterality-aware concepts
+    from medseek.text.concepts import lateral_concept_names
+
+    assert got.labels == ["cardiomegaly"]
+    assert len(got.embedding) == 384 + len(lateral_concept_names())
 
 
 def test_health_and_reflection_answer_without_token(server, ingested):
@@ -309,12 +313,16 @@ def test_concurrent_queries_share_encoder_batches(server, client, gated, ingeste
 
     n0, s0 = sample("medseek_batch_size_count"), sample("medseek_batch_size_sum")
     texts = [f"pleural effusion case {i}" for i in range(8)]
+    # text -> image: the served encoder's text tower, which the gate holds (text of the
+    # report collection goes to the in-process hybrid ranker instead)
     with cf.ThreadPoolExecutor(8) as pool:
         gated.gate.clear()
         try:
-            first = pool.submit(client.search, pb.SearchRequest(text=texts[0], k=1))
+            first = pool.submit(client.search, pb.SearchRequest(text=texts[0], k=1,
+                                                                collection="image"))
             assert gated.entered.wait(timeout=120), "the first query never reached the encoder"
-            rest = [pool.submit(client.search, pb.SearchRequest(text=t, k=1)) for t in texts[1:]]
+            rest = [pool.submit(client.search, pb.SearchRequest(text=t, k=1, collection="image"))
+                    for t in texts[1:]]
             while encode_queue.depth < 7:  # all seven wait behind the held batch
                 assert not any(f.done() for f in rest), [f.exception() for f in rest if f.done()]
                 threading.Event().wait(0.01)

@@ -119,8 +119,9 @@ def test_full_queue_is_resource_exhausted_not_a_crash(tmp_path, encoder):
     # One query is held inside the encoder, so nothing drains the queue: of 7 more, the
     # 2 that fit max_queue=2 wait and are answered once the gate opens; 5 are refused.
     gated = GatedTextEncoder(encoder)
+    # joint: report text goes through the gated encoder (hybrid would embed it in process)
     cfg = ServeConfig(store_path=tmp_path / "s.db", index_dir=tmp_path / "idx", port=0,
-                      grace_s=2.0,
+                      grace_s=2.0, report_ranker="joint",
                       encode_batch=BatchConfig(max_batch=32, max_wait_ms=0.0, max_queue=2))
     with ServerThread(cfg, gated) as s, RetrievalClient(f"127.0.0.1:{s.port}") as c, \
             cf.ThreadPoolExecutor(8) as pool:
@@ -174,7 +175,7 @@ def test_dicom_without_a_deid_key_is_refused(client):
 def test_graceful_shutdown_finishes_in_flight_requests(tmp_path, encoder):
     gated = GatedTextEncoder(encoder)
     cfg = ServeConfig(store_path=tmp_path / "s.db", index_dir=tmp_path / "idx", port=0,
-                      grace_s=60.0)
+                      grace_s=60.0, report_ranker="joint")  # report text through the gate
     s = ServerThread(cfg, gated)
     with RetrievalClient(f"127.0.0.1:{s.port}") as c, cf.ThreadPoolExecutor(2) as pool:
         try:

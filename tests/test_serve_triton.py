@@ -89,8 +89,11 @@ def client(triton, repo, tmp_path_factory):
     volumes = TritonEncoder(TritonEncoderConfig(triton.grpc_url),
                             EncoderSpec.load(repo / "volume_encoder" / "1" / "spec.json"))
     d = tmp_path_factory.mktemp("e2e-serve")
+    # joint: report text too goes through Triton's text graph (the hybrid report ranker
+    # embeds in process; tests/test_serve_reports.py)
     cfg = ServeConfig(store_path=d / "store.db", index_dir=d / "index", port=0,
-                      tokens=(TOKEN,), grace_s=2.0, deid=DeidConfig.development())
+                      tokens=(TOKEN,), grace_s=2.0, deid=DeidConfig.development(),
+                      report_ranker="joint")
     with ServerThread(cfg, RoutedEncoder(images=images, volumes=volumes, texts=images)) as s:
         with RetrievalClient(f"127.0.0.1:{s.port}", token=TOKEN) as c:
             c.port = s.port

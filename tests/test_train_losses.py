@@ -178,3 +178,30 @@ def test_finding_loss_is_bce_of_both_modalities_through_one_head(wrist_batch):
                    for p in getattr(model, name).parameters()), name
     with pytest.raises(TypeError, match="no finding head"):
         combine_losses(wrist_batch[0], emb, batch, LossConfig(w_finding=1.0))
+
+
+def test_region_finding_loss_supervises_each_bone_by_its_caption(wrist_batch):
+    """The region_finding term: the finding head on each region embedding and on its
+    caption's embedding, against the findings the caption asserts ("fracture" for a
+    fractured bone, nothing but "normal" for a normal one); it reaches the region head."""
+    from medseek.text.concepts import concept_names
+
+    _, batch = wrist_batch
+    torch.manual_seed(4)
+    model = create_model("wrist-tiny", finding_head=True)
+    names = concept_names()
+    y = batch["region_findings"]
+    assert y.shape == (int(batch["region_valid"].sum()), len(names))
+    # each caption asserts findings, or else exactly "normal"
+    assert set(y.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(y[:, -1] == 1, y[:, :-1].sum(1) == 0)
+    emb = encode_batch(model, batch, LossConfig(w_region=1.0))
+    cfg = LossConfig(w_global=0.0, w_region=0.0, w_region_finding=3.0)
+    loss, parts = combine_losses(model, emb, batch, cfg)
+    head = model.finding_head
+    want = 0.5 * (F.binary_cross_entropy_with_logits(head(emb["region"]), y)
+                  + F.binary_cross_entropy_with_logits(head(emb["region_text"]), y))
+    torch.testing.assert_close(loss, 3.0 * want)
+    assert set(parts) == {"region_finding"}
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.region_head.parameters())

@@ -200,11 +200,15 @@ def demo_models(out: Path, args, cache) -> dict:
     models = {}
     for site, corpus, recipe, _ in SITES:
         if site in list_releases():
-            skip = RELEASES[site]["corpus"]["skip"]
-            if sizes[corpus] > skip:
+            trained_on = RELEASES[site]["corpus"]
+            skip = trained_on.get("skip")
+            if skip is not None and sizes[corpus] > skip:
                 _log(f"note: --n-cxr {sizes[corpus]} renders IU reports the shipped {site} "
                      f"model was trained on (reports {skip} onwards): its held-out numbers "
                      f"below are then optimistic")
+            if skip is None and args.seed == trained_on["seed"]:
+                _log(f"note: --seed {args.seed} renders the phantoms the shipped {site} model "
+                     f"was trained on: its held-out numbers below are then optimistic")
             models[site] = prepare_release(cache, site, corpus, sizes[corpus], args.seed,
                                            args.retrain, _log)
         else:

@@ -64,12 +64,12 @@ def split_corpus(corpus: Path, kind: str) -> Split:
                      "val split); raise the corpus size (--n-cxr, --n-wrist, --n-ct)")
 
 
-def ingest_item(corpus: Path, rec: ManifestRecord, with_regions: bool):
+def ingest_item(corpus: Path, rec: ManifestRecord, with_regions: bool, collection: str = ""):
     from medseek.serve.v1 import retrieval_pb2 as pb
 
     content = (corpus / rec.path).read_bytes()
     item = pb.IngestItem(
-        id=rec.id, modality=rec.modality, body_part=rec.body_part.lower(), view=rec.view,
+        id=rec.id, collection=collection, modality=rec.modality, body_part=rec.body_part.lower(), view=rec.view,
         labels=list(rec.labels), patient_pseudonym=pseudonym("patient", rec.patient_id),
         study_pseudonym=pseudonym("study", rec.study_id),
         source_document=pseudonym("document", rec.source_id), **{rec.kind: content})
@@ -156,11 +156,12 @@ class RunningSite:
 
 
 def ingest(site: RunningSite, corpus: Path, records: list[ManifestRecord],
-           with_regions: bool = False, batch: int = 32) -> dict:
-    """Stream ``records`` to the server through ``Ingest``; totals of the acknowledgements."""
+           with_regions: bool = False, batch: int = 32, collection: str = "") -> dict:
+    """Stream ``records`` to the server through ``Ingest`` (into ``collection``; empty: the
+    default of their kind); totals of the acknowledgements."""
     totals = {"inserted": 0, "updated": 0, "duplicates": 0, "acks": 0}
     for s in range(0, len(records), batch):
-        items = [ingest_item(corpus, r, with_regions) for r in records[s:s + batch]]
+        items = [ingest_item(corpus, r, with_regions, collection) for r in records[s:s + batch]]
         resp = site.client.ingest(items, timeout=600.0)
         for key in ("inserted", "updated", "duplicates"):
             totals[key] += getattr(resp, key)

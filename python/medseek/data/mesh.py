@@ -202,3 +202,17 @@ def parse_mesh_terms(terms: tuple[str, ...] | list[str]) -> list[Finding]:
 def normalised_labels(terms: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """Sorted unique normalised finding names of a report's MeSH major terms."""
     return tuple(sorted({f.name for f in parse_mesh_terms(terms)}))
+
+
+def finding_sides(terms: tuple[str, ...] | list[str]) -> dict[str, frozenset[str]]:
+    """Normalised finding name -> the sides its MeSH terms state: ``bilateral`` gives
+    ``{"left", "right"}``, a term with no side adds none (the human-label twin of
+    :func:`medseek.text.concepts.finding_sides`)."""
+    out: dict[str, set[str]] = {}
+    for f in parse_mesh_terms(terms):
+        sides = out.setdefault(f.name, set())
+        if f.side == "bilateral":
+            sides.update(("left", "right"))
+        elif f.side:
+            sides.add(f.side)
+    return {name: frozenset(sides) for name, sides in out.items()}

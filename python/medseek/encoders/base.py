@@ -43,6 +43,12 @@ class EncoderSpec:
     chunk_depth, chunk_overlap : slices per chunk and shared by neighbours (volume models)
     max_length : text token budget, [CLS] and [SEP] included
     name : the model config's name
+    region_head : the model has its own region pathway (config ``region_head: true``,
+        WristMIR): the ``image_regions`` graph embeds boxes of an image by pooling its
+        patch tokens through the region head (:meth:`GraphEncoder.encode_image_regions`)
+    target_spacing : (z, y, x) mm volumes were resampled to in training (volume models;
+        None in specs written before it was recorded)
+    window : (center, width) HU volumes were windowed with in training (volume models)
     """
 
     embed_dim: int
@@ -57,6 +63,9 @@ class EncoderSpec:
     # the model's calibrated finding concepts (DualEncoder.concept_bank), for explanations:
     # {"names": [C], "directions": [C x embed_dim], "baseline": [C]}; None without a head
     concepts: dict | None = None
+    region_head: bool = False
+    target_spacing: tuple[float, float, float] | None = None
+    window: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.modality not in ("image", "volume"):
@@ -67,8 +76,20 @@ class EncoderSpec:
             object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
         if self.patch_size is not None:
             object.__setattr__(self, "patch_size", tuple(int(v) for v in self.patch_size))
+        for name, n in (("target_spacing", 3), ("window", 2)):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(float(v) for v in value)
+                if len(value) != n or not all(v > 0 for v in value[-1 if n == 2 else 0:]):
+                    raise ValueError(f"{name} must be {n} numbers (positive spacings / width), "
+                                     f"got {getattr(self, name)!r}")
+                object.__setattr__(self, name, value)
         if self.modality == "volume" and (self.patch_size is None or self.chunk_depth is None):
             raise ValueError("a volume spec needs patch_size and chunk_depth")
+        if not isinstance(self.region_head, bool):
+            raise TypeError(f"region_head must be a bool, got {self.region_head!r}")
+        if self.region_head and self.modality != "image":
+            raise ValueError(f"region_head is for image models, got a {self.modality} spec")
 
     @classmethod
     def from_model(cls, model) -> "EncoderSpec":
@@ -83,9 +104,12 @@ class EncoderSpec:
                       max_length=cfg.text.max_length, name=cfg.name, concepts=concepts)
         if model.modality == "image":
             size = cfg.preprocess.image_size or (64, 64)
-            return cls(**common, image_size=size, in_chans=v.in_chans)
+            return cls(**common, image_size=size, in_chans=v.in_chans,
+                       region_head=model.region_head is not None)
+        pre = cfg.preprocess
         return cls(**common, patch_size=v.patch_size, chunk_depth=v.chunk_depth,
-                   chunk_overlap=v.chunk_overlap)
+                   chunk_overlap=v.chunk_overlap, target_spacing=pre.target_spacing,
+                   window=pre.window)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,7 +165,9 @@ class Encoder(Protocol):
     Optional beyond the protocol: ``encode_volume_chunks(volumes) -> list[VolumeChunks]``
     (the volume embeddings with their chunk embeddings, one pass); :class:`GraphEncoder`
     backends (ONNX Runtime, Triton) and ``medseek.serve.local_encoder.LocalTorchEncoder``
-    have it.
+    have it. ``region_pathway`` (bool) and ``encode_image_regions(images, boxes) ->
+    (global (B, dim), regions (B, R, dim))``: the model's trained region pathway, which
+    the :class:`GraphEncoder` backends run when the spec says ``region_head``.
     """
 
     @property
@@ -176,7 +202,8 @@ class GraphEncoder:
 
     Subclasses set ``spec`` and ``batch_size`` and implement
     ``run_graph(graph, inputs, outputs) -> list[np.ndarray]`` for the graphs ``image``,
-    ``chunks``, ``pool`` and ``text`` of :mod:`medseek.export.onnx`.
+    ``image_regions`` (region-head models), ``chunks``, ``pool`` and ``text`` of
+    :mod:`medseek.export.onnx`.
     """
 
     spec: EncoderSpec
@@ -207,6 +234,34 @@ class GraphEncoder:
 
         images = check_images(images, self.spec)
         return self._batched("image", {"images": images}, ["embeddings"])[0]
+
+    @property
+    def region_pathway(self) -> bool:
+        """True when :meth:`encode_image_regions` runs the model's trained region pathway."""
+        return self.spec.modality == "image" and self.spec.region_head
+
+    def encode_image_regions(self, images: np.ndarray,
+                             boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global and region embeddings of one pass through the ``image_regions`` graph.
+
+        Parameters
+        ----------
+        images : (B, 1, H, W) float32 at the model's image size
+        boxes : (B, R, 4) float32 pixel ``(x0, y0, x1, y1)`` in model-input pixels (pixel
+            ``i`` spans ``[i, i + 1)``); each box needs some area inside the image, the
+            part outside is ignored
+
+        Returns
+        -------
+        (B, dim) float32 global embeddings (as :meth:`encode_images`) and (B, R, dim)
+        float32 region embeddings, unit rows
+        """
+        from .preprocess import check_image_regions
+
+        images, boxes = check_image_regions(images, boxes, self.spec)
+        glob, regions = self._batched("image_regions", {"images": images, "boxes": boxes},
+                                      ["embeddings", "region_embeddings"])
+        return glob, regions
 
     def encode_chunks(self, volume: np.ndarray) -> np.ndarray:
         """Chunk embeddings ``(C, dim)`` of one windowed ``(D, H, W)`` float32 volume."""

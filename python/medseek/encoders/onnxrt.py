@@ -15,8 +15,8 @@ from .base import EncoderInputError, EncoderSpec, GraphEncoder
 from .preprocess import check_texts, load_tokenizer, tokenize
 
 # graph name -> Triton model name in the repository
-MODEL_NAMES = {"image": "image_encoder", "chunks": "volume_encoder", "pool": "volume_pool",
-               "text": "text_encoder"}
+MODEL_NAMES = {"image": "image_encoder", "image_regions": "image_region_encoder",
+               "chunks": "volume_encoder", "pool": "volume_pool", "text": "text_encoder"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,8 @@ class OnnxRuntimeEncoder(GraphEncoder):
         opts.add_session_config_entry("session.intra_op.allow_spinning",
                                       "1" if cfg.allow_spinning else "0")
         graphs = ("image",) if modality == "image" else ("chunks", "pool")
+        if self.spec.region_head:  # the spec of a region-head model: its region graph too
+            graphs += ("image_regions",)
         self.sessions = {}
         for graph in (*graphs, "text"):
             path = self._version_dir(MODEL_NAMES[graph]) / "model.onnx"

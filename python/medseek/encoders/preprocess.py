@@ -36,6 +36,51 @@ def check_images(images, spec: EncoderSpec) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
+def check_boxes(boxes, batch: int, spec: EncoderSpec) -> np.ndarray:
+    """``boxes`` (batch, R >= 1, 4) float32 pixel ``(x0, y0, x1, y1)`` in model-input
+    pixels → C-contiguous array.
+
+    Every box must be finite and keep some area once clipped to the spec's image (the
+    region graph clips, as the model does; a box with no area inside would pool nothing
+    and give a NaN embedding). Raises :class:`EncoderInputError` naming the first bad box;
+    nothing is cast.
+    """
+    if not isinstance(boxes, np.ndarray):
+        raise EncoderInputError(f"boxes must be a np.ndarray, got {type(boxes).__name__}")
+    if boxes.dtype != np.float32:
+        raise EncoderInputError(f"boxes must be float32, got {boxes.dtype}")
+    if (boxes.ndim != 3 or boxes.shape[0] != batch or boxes.shape[2] != 4
+            or boxes.shape[1] == 0):
+        raise EncoderInputError(
+            f"boxes must be ({batch}, R >= 1, 4) (x0, y0, x1, y1), one row per image, got "
+            f"shape {boxes.shape}")
+    if not np.isfinite(boxes).all():
+        i, r = np.argwhere(~np.isfinite(boxes).all(-1))[0]
+        raise EncoderInputError(f"boxes[{i}, {r}] = {boxes[i, r].tolist()} is not finite")
+    h, w = spec.image_size
+    x0, x1 = np.clip(boxes[..., 0], 0, w), np.clip(boxes[..., 2], 0, w)
+    y0, y1 = np.clip(boxes[..., 1], 0, h), np.clip(boxes[..., 3], 0, h)
+    empty = (x1 <= x0) | (y1 <= y0)  # (B, R)
+    if empty.any():
+        i, r = np.argwhere(empty)[0]
+        raise EncoderInputError(
+            f"boxes[{i}, {r}] = {boxes[i, r].tolist()} has no area inside the {w}x{h} image "
+            "(need x0 < x1, y0 < y1, overlapping the image)")
+    return np.ascontiguousarray(boxes)
+
+
+def check_image_regions(images, boxes, spec: EncoderSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The inputs of the ``image_regions`` graph, checked (:func:`check_images`,
+    :func:`check_boxes`); raises :class:`EncoderInputError` when the spec's model has no
+    region pathway."""
+    if not (spec.modality == "image" and spec.region_head):
+        raise EncoderInputError(
+            f"this encoder's model ({spec.name or spec.modality}) has no region pathway "
+            "(config region_head: false); embed a region as a crop with encode_images")
+    images = check_images(images, spec)
+    return images, check_boxes(boxes, images.shape[0], spec)
+
+
 def check_texts(texts) -> list[str]:
     """A non-empty list of str (an empty string is a valid text; an empty list is not)."""
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):

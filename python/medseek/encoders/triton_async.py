@@ -18,8 +18,8 @@ import numpy as np
 
 from .base import EncoderInputError, EncoderSpec, VolumeChunks
 from .onnxrt import MODEL_NAMES
-from .preprocess import (batches, check_images, check_texts, chunk_z_ranges, group_chunks,
-                         volume_tokens)
+from .preprocess import (batches, check_image_regions, check_images, check_texts,
+                         chunk_z_ranges, group_chunks, volume_tokens)
 from .triton_client import CHANNEL_ARGS, TritonEncoderConfig, make_request, retry_delay_or_raise
 
 
@@ -65,6 +65,19 @@ class AsyncTritonEncoder:
     async def encode_images(self, images: np.ndarray) -> np.ndarray:
         images = check_images(images, self.spec)
         return (await self._batched("image", {"images": images}, ["embeddings"]))[0]
+
+    @property
+    def region_pathway(self) -> bool:
+        """True when :meth:`encode_image_regions` runs the model's trained region pathway."""
+        return self.spec.modality == "image" and self.spec.region_head
+
+    async def encode_image_regions(self, images: np.ndarray, boxes: np.ndarray):
+        """As :meth:`medseek.encoders.base.GraphEncoder.encode_image_regions`: global
+        (B, dim) and region (B, R, dim) embeddings through ``image_region_encoder``."""
+        images, boxes = check_image_regions(images, boxes, self.spec)
+        glob, regions = await self._batched("image_regions", {"images": images, "boxes": boxes},
+                                            ["embeddings", "region_embeddings"])
+        return glob, regions
 
     async def encode_texts(self, texts) -> np.ndarray:
         texts = check_texts(texts)

@@ -6,6 +6,8 @@ Graphs written (only those the model's modality has):
 file               inputs                                                  outputs
 =================  ======================================================  ===========================
 ``image.onnx``     ``images`` (B, C, H, W) float32                         ``embeddings`` (B, dim)
+``image_regions``  ``images`` (B, C, H, W) float32, ``boxes`` (B, R, 4)    ``embeddings`` (B, dim),
+``.onnx``          float32 pixel (x0, y0, x1, y1) (region-head models)     ``region_embeddings`` (B, R, dim)
 ``chunks.onnx``    ``tokens`` (B, N, P) float32, ``positions`` (B, N, 3)   ``chunk_embeddings`` (B, dim),
                    int32, ``token_mask`` (B, N) bool                       ``chunk_features`` (B, width)
 ``pool.onnx``      ``chunk_features`` (B, C, width) float32,               ``embeddings`` (B, dim)
@@ -13,8 +15,8 @@ file               inputs                                                  outpu
 ``text.onnx``      ``input_ids``, ``attention_mask`` (B, T) int64          ``embeddings`` (B, dim)
 =================  ======================================================  ===========================
 
-B is dynamic everywhere; N (tokens per chunk), C (chunks per volume) and T (tokens per
-text) are dynamic too. H and W are fixed at the model's ``preprocess.image_size`` (the
+B is dynamic everywhere; N (tokens per chunk), C (chunks per volume), R (boxes per image)
+and T (tokens per text) are dynamic too. H and W are fixed at the model's ``preprocess.image_size`` (the
 preprocessing resizes every radiograph to it). Every embedding is L2-normalised.
 
 A volume embedding is two graphs: the chunk encoder (one row per chunk, so a volume's
@@ -47,6 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .region_graph import ImageRegionGraph, has_region_graph, region_inputs
 
 OPSET = 17
 MIN_COSINE = 0.9999
@@ -276,6 +280,11 @@ def _image_inputs(model, batch: int, gen: torch.Generator):
     return (torch.randn(batch, c, *_image_size(model), generator=gen),)
 
 
+def _region_inputs(model, batch: int, gen: torch.Generator, regions: int = 3,
+                   edges: bool = False):
+    return region_inputs(model, batch, gen, _image_size(model), regions, edges)
+
+
 def _chunk_inputs(model, batch: int, gen: torch.Generator, n_side: int = 2):
     v = model.cfg.vision
     pz = v.patch_size[0]
@@ -312,6 +321,11 @@ def _text_inputs(model, batch: int, gen: torch.Generator, length: int = 12):
 _GRAPHS = {
     "image": (ImageGraph, _image_inputs, ["images"], ["embeddings"],
               {"images": {0: "batch"}, "embeddings": {0: "batch"}}),
+    "image_regions": (ImageRegionGraph, _region_inputs, ["images", "boxes"],
+                      ["embeddings", "region_embeddings"],
+                      {"images": {0: "batch"}, "boxes": {0: "batch", 1: "regions"},
+                       "embeddings": {0: "batch"},
+                       "region_embeddings": {0: "batch", 1: "regions"}}),
     "chunks": (ChunkGraph, _chunk_inputs, ["tokens", "positions", "token_mask"],
                ["chunk_embeddings", "chunk_features"],
                {"tokens": {0: "batch", 1: "tokens"}, "positions": {0: "batch", 1: "tokens"},
@@ -327,8 +341,11 @@ _GRAPHS = {
 
 
 def graphs_for(model) -> tuple[str, ...]:
-    """Names of the graphs a model exports: image or chunks + pool, then text."""
-    return ("image", "text") if model.modality == "image" else ("chunks", "pool", "text")
+    """Names of the graphs a model exports: image (and image_regions when the model has a
+    region head) or chunks + pool, then text."""
+    if model.modality == "volume":
+        return ("chunks", "pool", "text")
+    return ("image", "image_regions", "text") if has_region_graph(model) else ("image", "text")
 
 
 def _fresh_inputs(name: str, model, batch: int, gen: torch.Generator):
@@ -339,12 +356,15 @@ def _fresh_inputs(name: str, model, batch: int, gen: torch.Generator):
         return make(model, batch, gen, chunks=5)
     if name == "text":
         return make(model, batch, gen, length=21)
+    if name == "image_regions":  # another R than the traced one, and the edge boxes
+        return make(model, batch, gen, regions=4, edges=True)
     return make(model, batch, gen)
 
 
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.reshape(a.shape[0], -1).astype(np.float64)
-    b = b.reshape(b.shape[0], -1).astype(np.float64)
+    """Cosine of each embedding (last axis): one per row of (B, dim), per region of (B, R, dim)."""
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return (a * b).sum(1) / np.maximum(den, 1e-30)
 
@@ -388,7 +408,9 @@ def export_graph(model, name: str, path: str | Path, cfg: ExportConfig = ExportC
     if name not in _GRAPHS:
         raise ValueError(f"name must be one of {sorted(_GRAPHS)}, got {name!r}")
     if name not in graphs_for(model):
-        raise ValueError(f"a {model.modality} model has no {name!r} graph; it has {graphs_for(model)}")
+        why = " (its config has region_head: false)" if name == "image_regions" else ""
+        raise ValueError(f"this {model.modality} model has no {name!r} graph{why}; it has "
+                         f"{graphs_for(model)}")
     wrapper_cls, make, in_names, out_names, axes = _GRAPHS[name]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

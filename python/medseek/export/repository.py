@@ -8,6 +8,7 @@ copies the configs of the models it writes into ``repo_dir`` (nothing to copy wh
 outputs and gitignored::
 
     image_encoder/1/   model.onnx  model.py  spec.json        (image models)
+    image_region_encoder/1/  model.onnx  model.py  spec.json  (image models with a region head)
     volume_encoder/1/  model.onnx  model.py  spec.json        (volume models)
     volume_pool/1/     model.onnx  model.py  spec.json        (volume models)
     text_encoder/1/    model.onnx  model.py  spec.json
@@ -27,8 +28,8 @@ from .onnx import ExportConfig, export_onnx
 ONNX_RUNNER = "onnx_runtime_model.py"
 TOKENIZER_RUNNER = "text_tokenizer_model.py"
 # exported graph -> repository model
-GRAPH_MODELS = {"image": "image_encoder", "chunks": "volume_encoder", "pool": "volume_pool",
-                "text": "text_encoder"}
+GRAPH_MODELS = {"image": "image_encoder", "image_regions": "image_region_encoder",
+                "chunks": "volume_encoder", "pool": "volume_pool", "text": "text_encoder"}
 
 
 def committed_repository() -> Path:
@@ -133,6 +134,11 @@ def write_repository(models, repo_dir: str | Path, cfg: RepositoryConfig = Repos
                 shutil.copy2(paths["spec"], out / "spec.json")
                 shutil.copy2(templates / ONNX_RUNNER, out / "model.py")
                 written[model_name] = out
+            stale = repo / GRAPH_MODELS["image_regions"] / str(cfg.version)
+            if model.modality == "image" and "image_regions" not in paths and stale.is_dir():
+                # another model's region graph: clients of this spec would never call it,
+                # but Triton would serve it beside this model
+                shutil.rmtree(stale)
             if model is text_model:
                 _copy_config(templates, repo, "text_tokenizer")
                 out = _fresh_version_dir(repo, "text_tokenizer", cfg.version)

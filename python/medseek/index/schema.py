@@ -16,7 +16,9 @@ changelog   every write: (seq, row_key, collection, op) with op 'upsert' or 'del
 collections (name, model) -> dim of that model's embeddings, fixed by the first write.
 meta        key/value; 'store_uuid' names this store so an index saved for another
             store is never caught up against this one; 'changelog_pruned_through' is the
-            seq below which the changelog was pruned (older indexes must be rebuilt).
+            seq below which the changelog was pruned (older indexes must be rebuilt);
+            other keys belong to the store's users (``Store.set_meta``), e.g.
+            'report_ranker/<model>/<collection>' (``medseek.serve.report_ranker``).
 """
 
 from __future__ import annotations

@@ -268,6 +268,27 @@ class Store:
                         "WHERE key = 'changelog_pruned_through'", (through,))
         return n
 
+    #: meta keys the store itself maintains; ``set_meta`` refuses them
+    RESERVED_META = frozenset({"store_uuid", "changelog_pruned_through"})
+
+    def get_meta(self, key: str) -> str | None:
+        """A value written by ``set_meta`` (or the store's own meta), None when unset."""
+        with self._lock:
+            row = self._con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Record ``key = value`` in the store's meta table (one committed transaction),
+        e.g. which embedding a collection holds; the store never reads it."""
+        if not isinstance(key, str) or not key or key in self.RESERVED_META:
+            raise ValueError(f"key must be a non-empty str other than "
+                             f"{sorted(self.RESERVED_META)}, got {key!r}")
+        if not isinstance(value, str):
+            raise TypeError(f"value must be str, got {type(value).__name__}")
+        with self._write() as con:
+            con.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+                        "SET value = excluded.value", (key, value))
+
     def collections(self) -> dict[str, int]:
         """Collections that hold (or held) embeddings of ``config.model``: name -> dim."""
         with self._lock:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -191,13 +191,18 @@ class SearchPipeline:
     config : SearchConfig
     concepts : ConceptBank, optional
         Enables explanations (its dim must equal the searched collection's).
+    collection_concepts : mapping of str to ConceptBank, optional
+        Banks of collections whose embeddings live in another space than ``concepts``
+        (e.g. the hybrid report collection); they replace ``concepts`` there.
     """
 
     def __init__(self, catalog: Catalog, store: Store, config: SearchConfig = SearchConfig(),
-                 concepts: ConceptBank | None = None) -> None:
+                 concepts: ConceptBank | None = None,
+                 collection_concepts: Mapping[str, ConceptBank] | None = None) -> None:
         if catalog.store.config.path.resolve() != store.config.path.resolve():
             raise ValueError("catalog must be built on the same store file as store")
         self.catalog, self.store, self.config, self.concepts = catalog, store, config, concepts
+        self.collection_concepts = dict(collection_concepts or {})
         self.reader = StoreReader(store)
         # (collection, dup_quantile, dup_sample) -> (size when estimated, pair quantile)
         self._dup_cache: dict[tuple, tuple[int, float | None]] = {}
@@ -297,6 +302,7 @@ class SearchPipeline:
         t = time.perf_counter()
         dup = self.dup_threshold(collection) if diversify else None  # cached: cheap
         shared_diversify = time.perf_counter() - t
+        bank = self.collection_concepts.get(collection, self.concepts)
         ranked = []
         for qi in range(n_q):
             region_vec = None
@@ -304,7 +310,8 @@ class SearchPipeline:
                 e = region.embedding
                 region_vec = e if e.ndim == 1 else e[qi]
             ranked.append(self._rank(per_query[qi], queries[qi], k, region, region_vec,
-                                     regions, chunks, diversify, explain, timings[qi], dup))
+                                     regions, chunks, diversify, explain, timings[qi], dup,
+                                     bank))
         # the hits' full records: one read for the batch
         t = time.perf_counter()
         wanted = [r[1] for r in ranked if r is not None]
@@ -387,7 +394,7 @@ class SearchPipeline:
         return ids, prov, cands.row_keys[rows], cands.embeddings[rows], global_scores, stale
 
     def _rank(self, c, query, k, region, region_vec, regions, chunks, diversify, explain,
-              timings, dup_threshold):
+              timings, dup_threshold, bank):
         """Rerank, diversify, explain one query's candidates: (picks, their row keys,
         ranked, region_sims, region_ids, relaxed, explanations, skipped, near-duplicate
         shortfall), or None."""
@@ -428,10 +435,9 @@ class SearchPipeline:
 
         t = time.perf_counter()
         explanations: list = [None] * picks.size
-        if explain and self.concepts is not None and picks.size:
-            explanations = explain_hits(self.concepts.scores(query),
-                                        self.concepts.scores(embs[picks]),
-                                        self.concepts.names, self.config.explain_top)
+        if explain and bank is not None and picks.size:
+            explanations = explain_hits(bank.scores(query), bank.scores(embs[picks]),
+                                        bank.names, self.config.explain_top)
         timings["explain"] = time.perf_counter() - t
         return (picks, row_keys[picks], ranked, region_sims, region_ids, relaxed,
                 explanations, skipped, shortfall)

@@ -4,6 +4,8 @@
 - ``server.py``: ``create_server(config, encoder) -> (server, port)``, ``serve``, ``ServerThread``.
 - ``servicer.py``: the RPC handlers; ``batcher.py``: the async micro-batcher and bounded queue.
 - ``ingest.py``: request items -> de-identified pixels, records, content hashes, embeddings.
+- ``report_ranker.py``: the report collection's embedding: ``hybrid`` (in-process MiniLM +
+  laterality-aware finding concepts, the default) or ``joint`` (the encoder's text tower).
 - ``auth.py``: bearer-token interceptor; ``metrics.py``: Prometheus metrics.
 - ``local_encoder.py``: ``LocalTorchEncoder``, an in-process torch encoder for tests and
   CPU-only use (production uses the Triton / ONNX Runtime encoders of ``medseek.encoders``).

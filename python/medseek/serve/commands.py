@@ -32,6 +32,10 @@ def register(subparsers) -> None:
     p.add_argument("--spec", type=Path, help="spec.json of the model served at --triton-url")
     p.add_argument("--volume-triton-url", help="Triton serving the volume model, if separate")
     p.add_argument("--volume-spec", type=Path, help="spec.json of the volume model")
+    p.add_argument("--report-ranker", choices=("hybrid", "joint"),
+                   help="report collection: hybrid (MiniLM + laterality-aware finding concepts, "
+                        "in process) or joint (the encoder's text tower); default: what the "
+                        "store holds, hybrid for a new store")
     p.set_defaults(func=cmd_serve)
 
     p = subparsers.add_parser("ingest", help="bulk ingest a folder or a JSONL manifest")
@@ -117,7 +121,8 @@ def cmd_serve(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     overrides = dict(store_path=args.store, index_dir=args.index_dir, host=args.host,
-                     port=args.port, metrics_port=args.metrics_port)
+                     port=args.port, metrics_port=args.metrics_port,
+                     report_ranker=args.report_ranker)
     if args.config is not None:
         cfg = load_config(args.config, **overrides)
     else:

@@ -57,18 +57,21 @@ class PreprocessSpec:
     ----------
     image_size : (int, int)
         Radiographs are resized to (H, W) and scaled to [0, 1] by their own min and max.
-    target_spacing : float
-        Volumes are resampled to this isotropic spacing (mm) ...
+    target_spacing : float or (float, float, float)
+        Volumes are resampled to this spacing (mm; one number: isotropic; three: z, y, x) ...
     window : (float, float)
-        ... and windowed with (center, width) into [0, 1]; H and W are then centre-cropped
-        to multiples of ``volume_multiple`` (the volume model's patch (py, px)).
+        ... and windowed with (center, width) into [0, 1]; H and W are then zero-padded
+        (bottom, right) to multiples of ``volume_multiple`` (the volume model's patch
+        (py, px)), as in training.
 
-    The server replaces ``image_size`` and ``volume_multiple`` by what its encoder declares
-    (``medseek.serve.routed.input_geometry``).
+    The server replaces ``image_size``, ``volume_multiple``, and for a volume model whose
+    spec records them ``target_spacing`` and ``window``, by what its encoder declares
+    (``medseek.serve.routed.input_geometry``): a model is served with the preprocessing it
+    was trained and measured with.
     """
 
     image_size: tuple[int, int] = (64, 64)
-    target_spacing: float = 4.0
+    target_spacing: float | tuple[float, float, float] = 4.0
     window: tuple[float, float] = (40.0, 400.0)
     volume_multiple: tuple[int, int] = (1, 1)
 
@@ -77,7 +80,13 @@ class PreprocessSpec:
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"image_size must be two positive ints, got {self.image_size!r}")
         object.__setattr__(self, "image_size", size)
-        if not self.target_spacing > 0:
+        spacing = self.target_spacing
+        if isinstance(spacing, (list, tuple)):
+            spacing = tuple(float(v) for v in spacing)
+            if len(spacing) != 3:
+                raise ValueError(f"target_spacing must be one number or (z, y, x), got {spacing!r}")
+            object.__setattr__(self, "target_spacing", spacing)
+        if not all(v > 0 for v in (spacing if isinstance(spacing, tuple) else (spacing,))):
             raise ValueError(f"target_spacing must be > 0 mm, got {self.target_spacing!r}")
         window = tuple(float(v) for v in self.window)
         if len(window) != 2 or not window[1] > 0:
@@ -132,6 +141,11 @@ class ServeConfig:
         ``faiss.cvar.distance_compute_blas_threshold`` (process-wide) to this times the
         encoder's dim: faiss 1.15 compares queries x dim with it. None leaves FAISS's
         default (128000: BLAS only from 500 queries of dim 256 on).
+    report_ranker : {"hybrid", "joint"}, optional
+        Embedding of the report collection (``medseek.serve.report_ranker``): ``hybrid``,
+        MiniLM sentence embedding + laterality-aware finding concepts, embedded in process;
+        ``joint``, the dual encoder's text tower. None: what the store's report collection
+        already holds (an existing store keeps its embedding), ``hybrid`` for a new one.
     """
 
     store_path: Path
@@ -155,8 +169,12 @@ class ServeConfig:
     faiss_blas_min_batch: int | None = 3
     preprocess: PreprocessSpec = PreprocessSpec()
     limits: ReadLimits = ReadLimits(max_file_bytes=256 * _MIB)
+    report_ranker: str | None = None
 
     def __post_init__(self) -> None:
+        if self.report_ranker not in (None, "hybrid", "joint"):
+            raise ValueError(f"report_ranker must be 'hybrid', 'joint' or None, "
+                             f"got {self.report_ranker!r}")
         object.__setattr__(self, "store_path", Path(self.store_path))
         object.__setattr__(self, "index_dir", Path(self.index_dir))
         if not 0 <= int(self.port) <= 65535:

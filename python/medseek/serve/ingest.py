@@ -138,23 +138,25 @@ def decode_volume(data: bytes, field: str, spec: PreprocessSpec, limits: ReadLim
         win = mv.window(res, *spec.window)
     except (ValueError, TypeError) as exc:
         raise InvalidField(field, str(exc)) from None
+    # H and W are zero-padded (bottom, right) to the patch multiples, as in training
+    # (medseek.train.data): 0 is the bottom of the window
     my, mx = spec.volume_multiple
-    h, w = (win.shape[1] // my) * my, (win.shape[2] // mx) * mx
-    if h == 0 or w == 0:
-        raise InvalidField(field, f"volume is {win.shape[1]}x{win.shape[2]} pixels in-plane at "
-                                  f"{spec.target_spacing} mm, smaller than one {my}x{mx} patch")
-    y0, x0 = (win.shape[1] - h) // 2, (win.shape[2] - w) // 2
-    win = np.ascontiguousarray(win[:, y0:y0 + h, x0:x0 + w])
+    pad_h, pad_w = (-win.shape[1]) % my, (-win.shape[2]) % mx
+    if pad_h or pad_w:
+        win = np.pad(win, ((0, 0), (0, pad_h), (0, pad_w)))
+    win = np.ascontiguousarray(win, dtype=np.float32)
+    target_z = spec.target_spacing[0] if isinstance(spec.target_spacing, tuple) else spec.target_spacing
     return Decoded("volume", win, _sha_array(arr), modality=vol.modality,
                    body_part=vol.body_part,
                    patient_pseudonym=vol.meta.get("patient_pseudonym"),
                    study_pseudonym=vol.meta.get("study_pseudonym"), source_depth=arr.shape[0],
-                   z_scale=float(spec.target_spacing) / float(vol.spacing[0]))
+                   z_scale=float(target_z) / float(vol.spacing[0]))
 
 
-def crop(unit: np.ndarray, box, field: str, spec: PreprocessSpec) -> np.ndarray:
-    """The box ``(x0, y0, x1, y1)`` of a [0, 1] image, resized: (1, H, W) float32."""
-    h, w = unit.shape
+def _box_pixels(shape: tuple[int, int], box, field: str) -> tuple[int, int, int, int]:
+    """Pixel columns ``c0:c1`` and rows ``r0:r1`` a box ``(x0, y0, x1, y1)`` touches inside
+    an (h, w) image; at least 2x2 of them (one rule for both region pathways)."""
+    h, w = shape
     x0, y0, x1, y1 = (float(box.x0), float(box.y0), float(box.x1), float(box.y1))
     if not all(np.isfinite([x0, y0, x1, y1])):
         raise InvalidField(field, "box must be finite")
@@ -163,7 +165,31 @@ def crop(unit: np.ndarray, box, field: str, spec: PreprocessSpec) -> np.ndarray:
     if c1 - c0 < 2 or r1 - r0 < 2:
         raise InvalidField(field, f"box ({x0}, {y0}, {x1}, {y1}) must cover at least 2x2 "
                                   f"pixels inside the {w}x{h} image")
+    return c0, r0, c1, r1
+
+
+def crop(unit: np.ndarray, box, field: str, spec: PreprocessSpec) -> np.ndarray:
+    """The box ``(x0, y0, x1, y1)`` of a [0, 1] image, resized: (1, H, W) float32 (the
+    crop pathway: a region embedded by the global image tower)."""
+    c0, r0, c1, r1 = _box_pixels(unit.shape, box, field)
     return resize(unit[r0:r1, c0:c1], spec.image_size)[None]
+
+
+def model_box(shape: tuple[int, int], box, field: str, spec: PreprocessSpec) -> np.ndarray:
+    """A box ``(x0, y0, x1, y1)`` of an uploaded (h, w) image in the pixels of the
+    encoder's input (the region pathway): (4,) float32, clipped to the image.
+
+    :func:`decode_image` stretches the whole image to ``spec.image_size`` (H, W), so
+    pixel-edge coordinates scale by W / w and H / h (pixel ``i`` spans ``[i, i + 1)`` in
+    both, as in :meth:`medseek.models.ViT2D.region_weights`). The box is checked by the
+    same rule as :func:`crop`'s, so both pathways accept the same requests.
+    """
+    _box_pixels(shape, box, field)
+    h, w = shape
+    big_h, big_w = spec.image_size
+    x0, x1 = (min(max(float(v), 0.0), w) * big_w / w for v in (box.x0, box.x1))
+    y0, y1 = (min(max(float(v), 0.0), h) * big_h / h for v in (box.y0, box.y1))
+    return np.array([x0, y0, x1, y1], dtype=np.float32)
 
 
 def decode_content(kind: str, value, field: str, spec: PreprocessSpec, limits: ReadLimits,

@@ -3,7 +3,8 @@
 Production serves one exported model per modality (a radiograph model and a volume model,
 each with its text tower, behind Triton); the service takes one encoder, so this routes
 ``encode_images`` / ``encode_volumes`` / ``encode_texts`` to the right one (and
-``encode_volume_chunks`` when the volume encoder has it). All must share ``dim`` (one
+``encode_volume_chunks`` when the volume encoder has it, and ``encode_image_regions`` when
+the image encoder has a region pathway). All must share ``dim`` (one
 embedding space).
 """
 
@@ -20,6 +21,9 @@ class RoutedEncoder:
         Default: ``images``.
     """
 
+    #: the image encoder's model has a region pathway (``encode_image_regions``)
+    region_pathway = False
+
     def __init__(self, images, volumes, texts=None) -> None:
         self.images, self.volumes = images, volumes
         self.texts = texts if texts is not None else images
@@ -29,6 +33,9 @@ class RoutedEncoder:
         self.dim = dims.pop()
         if hasattr(volumes, "encode_volume_chunks"):  # offered only when the volume side can
             self.encode_volume_chunks = volumes.encode_volume_chunks
+        if getattr(images, "region_pathway", False):
+            self.region_pathway = True
+            self.encode_image_regions = images.encode_image_regions
 
     @property
     def image_size(self):
@@ -62,3 +69,15 @@ def input_geometry(encoder) -> tuple[tuple[int, int] | None, tuple[int, int] | N
     if multiple is None and spec is not None and getattr(spec, "patch_size", None):
         multiple = tuple(spec.patch_size[1:])
     return (tuple(size) if size else None), (tuple(multiple) if multiple else None)
+
+
+def volume_preprocessing(encoder) -> dict:
+    """``{"target_spacing": ..., "window": ...}`` that a volume encoder's spec records (the
+    preprocessing its model was trained with); empty when it records none."""
+    spec = getattr(encoder, "spec", None)
+    out = {}
+    for name in ("target_spacing", "window"):
+        value = getattr(spec, name, None)
+        if value is not None:
+            out[name] = tuple(value)
+    return out

@@ -25,7 +25,9 @@ from medseek.text.lexicon import FINDINGS
 
 from .auth import BearerTokenInterceptor
 from .config import ServeConfig
+from .ingest import DEFAULT_COLLECTION
 from .metrics import ServerMetrics
+from .report_ranker import resolve_report_ranker
 from .servicer import RetrievalService
 from .v1 import retrieval_pb2, retrieval_pb2_grpc
 
@@ -98,8 +100,13 @@ class RetrievalServer:
 
 def create_server(config: ServeConfig, encoder, *,
                   unavailable_errors: tuple = (ConnectionError, TimeoutError),
-                  ) -> tuple[RetrievalServer, int]:
+                  sentence_encoder=None) -> tuple[RetrievalServer, int]:
     """Build and bind the server (not started); call from inside the serving event loop.
+
+    The report collection is ranked as ``config.report_ranker`` and the store say
+    (``medseek.serve.report_ranker``); ``sentence_encoder`` (optional) is the MiniLM the
+    hybrid ranker uses instead of loading its own. Every other collection holds
+    ``encoder.dim`` embeddings.
 
     Returns
     -------
@@ -110,17 +117,23 @@ def create_server(config: ServeConfig, encoder, *,
         catalog = Catalog(store, CatalogConfig(config.index_dir))
         opened = catalog.open()
         log.info("catalog opened: %d collections", len(opened))
+        reports = resolve_report_ranker(store, config.report_ranker, encoder.dim,
+                                        DEFAULT_COLLECTION["text"], sentence_encoder)
         dims = store.collections()
+        dims.pop(reports.collection, None)  # checked by resolve_report_ranker
         if any(d != encoder.dim for d in dims.values()):
             raise ValueError(f"encoder.dim {encoder.dim} differs from the store's collection "
                              f"dims {dims}")
-        pipeline = SearchPipeline(catalog, store, config.search, concepts=concept_bank(encoder))
+        own = {} if reports.encoder is None else {
+            reports.collection: reports.encoder.concept_bank()}
+        pipeline = SearchPipeline(catalog, store, config.search, concepts=concept_bank(encoder),
+                                  collection_concepts=own)
     except BaseException:
         store.close()
         raise
     metrics = ServerMetrics()
     service = RetrievalService(config, encoder, store, catalog, pipeline, metrics,
-                               unavailable_errors)
+                               unavailable_errors, report_ranker=reports)
     interceptors = [BearerTokenInterceptor(config.tokens)] if config.tokens else []
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),

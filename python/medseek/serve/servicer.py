@@ -27,9 +27,10 @@ from medseek.search.diagnose import diagnose, vote_weights
 from medseek.search.rerank import organ_embedding
 
 from . import ingest as ing
+from . import regions as rp
 from .batcher import MicroBatcher
 from .messages import FailedPrecondition, NotFound, item_message, status_of
-from .routed import input_geometry
+from .routed import input_geometry, volume_preprocessing
 from .v1 import retrieval_pb2 as pb
 from .v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -51,17 +52,28 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     metrics : ServerMetrics
     unavailable_errors : tuple of exception types
         Errors of the encoder that mean its backend is down (-> UNAVAILABLE).
+    report_ranker : ReportRanker, optional
+        The report collection's ranker (``medseek.serve.report_ranker``); with a hybrid
+        one, text bound for that collection is embedded by its encoder, not ``encoder``.
     """
 
     def __init__(self, config, encoder, store, catalog, pipeline, metrics,
-                 unavailable_errors: tuple = (ConnectionError, TimeoutError)) -> None:
+                 unavailable_errors: tuple = (ConnectionError, TimeoutError),
+                 report_ranker=None) -> None:
         size, multiple = input_geometry(encoder)
         config = replace(config, preprocess=replace(
             config.preprocess, image_size=size or config.preprocess.image_size,
-            volume_multiple=multiple or config.preprocess.volume_multiple))
+            volume_multiple=multiple or config.preprocess.volume_multiple,
+            **volume_preprocessing(encoder)))
         self.config, self.encoder, self.store = config, encoder, store
+        # image regions: the model's region pathway when it has one, else crop + global
+        # tower; the store records which one embedded its region children (serve.regions)
+        self.region_pathway = rp.pathway_of(encoder)
+        self._pathway_key = rp.meta_key(config.model, config.search.region_collection)
+        self._stored_pathway = store.get_meta(self._pathway_key)
         self.catalog, self.pipeline, self.metrics = catalog, pipeline, metrics
         self.unavailable = tuple(unavailable_errors)
+        self.report_ranker = report_ranker
         self._decode_pool = ThreadPoolExecutor(2, thread_name_prefix="medseek-decode")
         self._encode_pool = ThreadPoolExecutor(1, thread_name_prefix="medseek-encode")
         import os
@@ -157,7 +169,16 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             return [e if np.isfinite(e.volume).all() and np.isfinite(e.chunks).all()
                     else ing.InvalidField(field, "the encoder produced a NaN embedding")
                     for (field, _), e in zip(payloads, encs)]
-        if kind == "text":
+        if kind == "image_regions":  # [(image (1, H, W), boxes (R, 4))]: one pass each
+            encs = rp.encode_region_rows(self.encoder, [c[0] for c in items],
+                                         [c[1] for c in items])
+            self.metrics.stage.labels("encode").observe(time.perf_counter() - t0)
+            return [e if np.isfinite(e[0]).all() and np.isfinite(e[1]).all()
+                    else ing.InvalidField(field, "the encoder produced a NaN embedding")
+                    for (field, _), e in zip(payloads, encs)]
+        if kind == "report_text":  # the hybrid report ranker, in process
+            embs = self.report_ranker.encoder.encode_texts(items)
+        elif kind == "text":
             embs = self.encoder.encode_texts(items)
         elif kind == "image":
             embs = self.encoder.encode_images(np.stack(items).astype(np.float32))
@@ -172,6 +193,19 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             else:
                 out.append(row)
         return out
+
+    def _route(self, kind: str, collection: str, field: str) -> str:
+        """The encoder route of ``kind`` content bound for ``collection``: text of a
+        hybrid report collection goes to the report ranker ("report_text"); nothing but
+        text (or a stored report's item_id) can enter or query that collection."""
+        r = self.report_ranker
+        if r is None or r.encoder is None or collection != r.collection:
+            return kind
+        if kind != "text":
+            raise ing.InvalidField(field, f"collection {collection!r} holds hybrid report "
+                                          f"embeddings (dim {r.dim}, report_ranker 'hybrid'): "
+                                          f"only text can be stored in or query it, not {kind}")
+        return "report_text"
 
     async def _encode(self, kind: str, field: str, content) -> np.ndarray:
         return await self.encode_batcher.submit(kind, (field, content))
@@ -233,18 +267,17 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 self._check_organ_region(request.region)  # before the work of decoding
             dec = await self._decode(kind, getattr(request, kind), kind)
             collection = collection or ing.DEFAULT_COLLECTION[kind]
+            route = self._route(kind, collection, kind)
             if region_name and kind == "volume":
                 query, region_emb = await self._volume_organ_query(dec, request.region)
-            else:
-                query = await self._encode(kind, kind, dec.payload)
-            if region_name and kind != "volume":
+            elif region_name:
                 if kind != "image" or not request.region.HasField("box"):
                     raise ing.InvalidField("region.box", "a region rerank needs an image query "
                                                          "with a box, a volume query with a "
                                                          "z_range, or an item_id query")
-                crop = ing.crop(dec.pixels, request.region.box, "region.box",
-                                self.config.preprocess)
-                region_emb = await self._encode("image", "region.box", crop)
+                query, region_emb = await self._image_region_query(dec, request.region.box)
+            else:
+                query = await self._encode(route, kind, dec.payload)
         if collection not in self.store.config.collections:
             raise ing.InvalidField("collection", f"must be one of "
                                    f"{self.store.config.collections}, got {collection!r}")
@@ -283,6 +316,22 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         enc = await self._encode("volume_chunks", field, dec.payload)
         return enc, ing.source_z_ranges(enc.z_range, dec.z_scale, dec.source_depth,
                                         dec.payload.shape[0])
+
+    async def _image_region_query(self, dec: ing.Decoded, box):
+        """Query and region embeddings of an image query with ``region.box``, by this
+        server's region pathway (:mod:`medseek.serve.regions`): the region head over the
+        box mapped to model-input pixels (one pass), or the box's crop through the global
+        tower."""
+        rp.check_pathway(self._stored_pathway, self.region_pathway, "region.box",
+                         self._pathway_key)
+        if self.region_pathway == rp.REGION_HEAD:
+            mbox = ing.model_box(dec.pixels.shape, box, "region.box", self.config.preprocess)
+            query, regions = await self._encode("image_regions", "region.box",
+                                                (dec.payload, mbox[None]))
+            return query, regions[0]
+        crop = ing.crop(dec.pixels, box, "region.box", self.config.preprocess)
+        return tuple(await asyncio.gather(self._encode("image", "image", dec.payload),
+                                          self._encode("image", "region.box", crop)))
 
     def _check_organ_region(self, region) -> tuple[int, int]:
         """A volume query's organ: its z-range (slices as uploaded), checked for shape."""
@@ -406,6 +455,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         field = f"items[{i}].{kind}"
         dec = await self._decode(kind, getattr(item, kind), field)
         collection = item.collection or ing.DEFAULT_COLLECTION[kind]
+        route = self._route(kind, collection, field)
         record = ing.build_record(item, collection, dec, f"items[{i}]")
         names = [r.name for r in item.regions]
         for j, name in enumerate(names):
@@ -413,8 +463,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 raise ing.InvalidField(f"items[{i}].regions[{j}].name", f"repeats {name!r}")
         if kind == "volume":
             return await self._prepare_volume(item, i, dec, record)
-        jobs = [self._encode(kind, field, dec.payload)]
-        children = []
+        children, inputs = [], []  # inputs: model-input boxes, or crops (serve.regions)
+        head = self.region_pathway == rp.REGION_HEAD
         for j, region in enumerate(item.regions):
             rfield = f"items[{i}].regions[{j}]"
             if kind != "image":
@@ -422,11 +472,22 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             if not region.name or not region.HasField("box") or region.HasField("z_range"):
                 raise ing.InvalidField(rfield, "an image's regions need a name and a box "
                                                "(a z_range is for a volume's organs)")
+            rp.check_pathway(self._stored_pathway, self.region_pathway, f"items[{i}].regions",
+                             self._pathway_key)
             children.append(ing.region_record(record, region, self.config.search.region_collection,
                                               rfield))
-            jobs.append(self._encode("image", rfield, ing.crop(
-                dec.pixels, region.box, f"{rfield}.box", self.config.preprocess)))
-        embs = await asyncio.gather(*jobs)
+            if head:
+                inputs.append(ing.model_box(dec.pixels.shape, region.box, f"{rfield}.box",
+                                            self.config.preprocess))
+            else:
+                inputs.append(ing.crop(dec.pixels, region.box, f"{rfield}.box",
+                                       self.config.preprocess))
+        if head and children:  # the image and its regions in one pass of the region graph
+            emb, embs = await self._encode("image_regions", field, (dec.payload, np.stack(inputs)))
+            return record, emb, list(zip(children, embs))
+        embs = await asyncio.gather(self._encode(route, field, dec.payload),
+                                    *(self._encode("image", f"items[{i}].regions[{j}]", c)
+                                      for j, c in enumerate(inputs)))
         return record, embs[0], list(zip(children, embs[1:]))
 
     async def _prepare_volume(self, item, i: int, dec: ing.Decoded, record):
@@ -470,9 +531,13 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     def _commit(self, batch: list) -> list:
         records = [b[0] for b in batch]
         try:
-            results = self.store.upsert(records, np.stack([b[1] for b in batch]))
+            results = self._upsert_by_dim(records, [b[1] for b in batch])
             written = {r.id for r in results if r.status != "duplicate"}
             kids = [c for rec, _, cs in batch if rec.id in written for c in cs]
+            if self._stored_pathway is None and any(c.box is not None for c, _ in kids):
+                # before the children: a crash in between leaves a mark and no children
+                self.store.set_meta(self._pathway_key, self.region_pathway)
+                self._stored_pathway = self.region_pathway
             if kids:
                 self.store.upsert([c for c, _ in kids], np.stack([e for _, e in kids]))
             self._drop_stale_children([r.id for r in results if r.status == "updated"],
@@ -481,6 +546,21 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             raise ing.InvalidField("items", str(exc)) from None
         self.catalog.sync()
         self._update_index_gauges()
+        return results
+
+    def _upsert_by_dim(self, records: list, embs: list) -> list:
+        """``store.upsert`` of items whose embeddings may differ in dim (hybrid reports
+        beside images): one upsert per dim, results in the order of ``records``. Each
+        upsert commits on its own; all are acknowledged after the last."""
+        dims = sorted({int(e.shape[0]) for e in embs})
+        if len(dims) == 1:
+            return self.store.upsert(records, np.stack(embs))
+        results: list = [None] * len(records)
+        for dim in dims:
+            rows = [i for i, e in enumerate(embs) if e.shape[0] == dim]
+            for i, r in zip(rows, self.store.upsert([records[i] for i in rows],
+                                                    np.stack([embs[i] for i in rows]))):
+                results[i] = r
         return results
 
     def _drop_stale_children(self, parents: list[str], kept: set[str]) -> None:

@@ -9,6 +9,17 @@ vector whose inner product with another is the weighted mean of the two cosines:
 ``<h_a, h_b> = w cos(t_a, t_b) + (1 - w) cos(c_a, c_b)``. An ANN index over these
 vectors therefore ranks by that mean directly; on the real IU reports it beats either
 part alone (``benchmarks/RESULTS.md``, report-to-report nDCG@10).
+
+Laterality is an extension, not a change of those axes (a shipped model's finding head
+and its calibrated thresholds are tied to :func:`concept_names`):
+:func:`lateral_report_concepts` returns the same ``len(concept_names())`` columns first,
+then one ``left <finding>`` axis per finding, then one ``right <finding>`` axis per
+finding (:func:`lateral_concept_names`). A finding asserted on the left sets its
+``left`` axis, one asserted bilaterally sets both, one asserted with no side sets
+neither. So for one finding the concept cosines order as same side (1) > bilateral
+against one side (0.82) > stated side against no side (0.71) > opposite sides (0.5):
+"right pleural effusion" still finds left effusions, below right, bilateral and unsided
+ones.
 """
 
 from __future__ import annotations
@@ -17,10 +28,12 @@ from typing import Sequence
 
 import numpy as np
 
-from .evidence import concept_vector, extract_evidence
+from .evidence import Evidence, concept_vector, extract_evidence
 from .lexicon import FINDINGS
 
 NORMAL_AXIS = "normal"
+#: the sides of :func:`lateral_concept_names`, in axis order; "bilateral" sets both
+SIDES = ("left", "right")
 
 
 def concept_names() -> tuple[str, ...]:
@@ -49,6 +62,70 @@ def report_concepts(texts: Sequence[str]) -> np.ndarray:
         vec = concept_vector(extract_evidence(text), names)
         rows[i, :-1] = vec
         rows[i, -1] = 0.0 if vec.any() else 1.0
+    return rows
+
+
+def lateral_concept_names() -> tuple[str, ...]:
+    """Axis names of :func:`lateral_report_concepts`: :func:`concept_names`, then
+    ``"left <finding>"`` for every lexicon finding, then ``"right <finding>"``."""
+    findings = tuple(f.name for f in FINDINGS)
+    return concept_names() + tuple(f"{side} {name}" for side in SIDES for name in findings)
+
+
+def finding_sides(evidences: Sequence[Evidence]) -> dict[str, frozenset[str]]:
+    """The sides each asserted finding is stated on.
+
+    Parameters
+    ----------
+    evidences : sequence of Evidence
+        One report's evidence (:func:`medseek.text.evidence.extract_evidence`).
+
+    Returns
+    -------
+    dict
+        Finding name -> subset of :data:`SIDES`, for every finding with a positive
+        mention (neither negated nor hedged, as in :func:`concept_vector`); a
+        ``bilateral`` mention gives both sides, a mention with no side none, and
+        mentions on both sides in different sentences give both.
+    """
+    out: dict[str, set[str]] = {}
+    for ev in evidences:
+        if not ev.positive:
+            continue
+        sides = out.setdefault(ev.finding, set())
+        if ev.laterality == "bilateral":
+            sides.update(SIDES)
+        elif ev.laterality in SIDES:
+            sides.add(ev.laterality)
+    return {name: frozenset(sides) for name, sides in out.items()}
+
+
+def lateral_report_concepts(texts: Sequence[str]) -> np.ndarray:
+    """Laterality-aware concept vectors of reports (module docstring).
+
+    Parameters
+    ----------
+    texts : sequence of str, length N
+
+    Returns
+    -------
+    np.ndarray
+        ``(N, len(lateral_concept_names()))`` float32 of 0/1; the first
+        ``len(concept_names())`` columns equal :func:`report_concepts`.
+    """
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of str, got a single str")
+    findings = concept_names()[:-1]
+    index = {name: i for i, name in enumerate(lateral_concept_names())}
+    rows = np.zeros((len(texts), len(index)), dtype=np.float32)
+    for i, text in enumerate(texts):
+        evidences = extract_evidence(text)
+        vec = concept_vector(evidences, findings)  # as report_concepts
+        rows[i, : len(findings)] = vec
+        rows[i, len(findings)] = 0.0 if vec.any() else 1.0
+        for name, sides in finding_sides(evidences).items():
+            for side in sides:
+                rows[i, index[f"{side} {name}"]] = 1.0
     return rows
 
 

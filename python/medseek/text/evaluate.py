@@ -10,7 +10,9 @@ terms. Counts are pooled over reports per heading, then over headings (micro).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 from . import lexicon as lx
 from .evidence import extract_evidence
@@ -91,6 +93,58 @@ def evaluate_against_mesh(
         "n_reports": len(reports),
         "uncertain": uncertain,
     }
+
+
+def laterality_agreement(
+    scores: np.ndarray, query_sides: Sequence[Mapping[str, frozenset[str]]],
+    item_sides: Sequence[Mapping[str, frozenset[str]]], k: int = 10,
+) -> tuple[np.ndarray, np.ndarray]:
+    """How often the top ``k`` hits state a query's one-sided findings on the same side.
+
+    A query's *one-sided* findings are those it asserts on exactly one side ("small right
+    pleural effusion"; not "bilateral effusions" or an effusion with no side). A hit
+    *agrees* when it asserts one of them on that side (a bilateral mention counts: it
+    includes that side); it is *opposite* when it does not agree and asserts one of them
+    on the other side only.
+
+    Parameters
+    ----------
+    scores : np.ndarray, shape (Q, N), float
+        Higher is better; ties are broken by item index (as ``ndcg_at_k``); an item to
+        leave out (the query itself) scores ``-inf``.
+    query_sides, item_sides : sequences of length Q and N
+        Per report, finding name -> the sides it is asserted on
+        (:func:`medseek.text.concepts.finding_sides`).
+    k : int >= 1, at most N
+
+    Returns
+    -------
+    (same, opposite) : two np.ndarray, shape (Q,), float64
+        Fractions of the top ``k`` hits; NaN for queries without a one-sided finding.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape != (len(query_sides), len(item_sides)):
+        raise ValueError(f"scores must be (Q, N) = ({len(query_sides)}, {len(item_sides)}), "
+                         f"got shape {scores.shape}")
+    if not 1 <= k <= scores.shape[1]:
+        raise ValueError(f"k must be in [1, {scores.shape[1]}], got {k}")
+    other = {"left": "right", "right": "left"}
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (Q, k)
+    same = np.full(scores.shape[0], np.nan)
+    opposite = np.full(scores.shape[0], np.nan)
+    for q, sides in enumerate(query_sides):
+        one_sided = [(f, next(iter(s))) for f, s in sides.items() if len(s) == 1]
+        if not one_sided:
+            continue
+        n_same = n_opp = 0
+        for h in top[q]:
+            hit = item_sides[h]
+            if any(side in hit.get(f, ()) for f, side in one_sided):
+                n_same += 1
+            elif any(other[side] in hit.get(f, ()) for f, side in one_sided):
+                n_opp += 1
+        same[q], opposite[q] = n_same / k, n_opp / k
+    return same, opposite
 
 
 def format_table(result: dict) -> str:

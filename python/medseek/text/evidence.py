@@ -174,6 +174,53 @@ def _nearest(kind: str, low: str, start: int, end: int, lo: int, hi: int) -> str
     return best[-1] if best else None
 
 
+# a side word after one of these reads as a post-modifier of the finding before it:
+# "effusion on the right", "opacity in the left base", "scarring at both apices"
+_POST_SIDE = re.compile(r"(?:on|in|at|of|to|involving|within)\s+(?:the\s+)?$")
+
+
+def _laterality(low: str, mentions: list[tuple[int, int, str]], idx: int, lo: int,
+                hi: int) -> str | None:
+    """The side of ``mentions[idx]``, read from the side words of its clause ``[lo, hi)``.
+
+    The nearest word is not enough: in "left lower lobe atelectasis and right effusion"
+    "right" is nearer to atelectasis than "left" is. So each side word first goes to one
+    mention of the clause: a word inside a mention to that mention; a post-modifier
+    ("on the right", "bilaterally") to the mention before it; any other word to the
+    first mention after it ("right effusion"), or to the one before when none follows.
+    A mention takes the nearest word it was given; a mention given none takes the
+    nearest side word of the clause, so that coordinated findings share a stated side
+    ("right upper lobe opacity and atelectasis").
+    """
+    s, e, _ = mentions[idx]
+    spans = [(ms, me) for ms, me, _ in mentions if lo <= ms and me <= hi]
+    words = [(m.start(), m.end(), name) for name, rx in _ATTRIBUTES["laterality"]
+             for m in rx.finditer(low, lo, hi)]
+    best: tuple | None = None
+    for ws, we, name in words:
+        inside = [(ms, me) for ms, me in spans if ws < me and we > ms]
+        before = [(ms, me) for ms, me in spans if me <= ws]
+        after = [(ms, me) for ms, me in spans if ms >= we]
+        post = low[ws:we].endswith("ly") or _POST_SIDE.search(low, max(lo, ws - 24), ws)
+        if inside:
+            owner = inside[0]
+        elif before and (post or not after):
+            owner = before[-1]
+        elif after:
+            owner = after[0]
+        else:
+            continue
+        if owner != (s, e):
+            continue
+        dist = 0 if inside else (s - we if we <= s else ws - e)
+        key = (dist, -(we - ws), name)
+        if best is None or key < best:
+            best = key
+    if best is not None:
+        return best[-1]
+    return _nearest("laterality", low, s, e, lo, hi)
+
+
 @lru_cache(maxsize=1 << 16)
 def _analyse_sentence(sentence: str, findings: tuple[lx.Finding, ...]) -> tuple[Evidence, ...]:
     """Evidence of one sentence with spans relative to it. Cached: reports repeat
@@ -183,14 +230,15 @@ def _analyse_sentence(sentence: str, findings: tuple[lx.Finding, ...]) -> tuple[
         low = "".join(ch.lower() if len(ch.lower()) == 1 else ch for ch in sentence)
     trig = _triggers(low)
     out = []
-    for s, e, name in _mentions(low, findings):
+    mentions = _mentions(low, findings)
+    for idx, (s, e, name) in enumerate(mentions):
         negated = _in_scope(low, trig, {"neg_pre"}, {"neg_post"}, s, e)
         uncertain = not negated and _in_scope(low, trig, {"unc_pre"}, {"unc_post"}, s, e)
         lo, hi = _clause(low, trig, s, e)
         out.append(Evidence(
             finding=name,
             location=_nearest("location", low, s, e, lo, hi),
-            laterality=_nearest("laterality", low, s, e, lo, hi),
+            laterality=_laterality(low, mentions, idx, lo, hi),
             severity=_nearest("severity", low, s, e, lo, hi),
             negated=negated,
             uncertain=uncertain,

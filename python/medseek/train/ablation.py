@@ -92,6 +92,14 @@ def variant_recipe(recipe: str, overrides: dict, steps: int | None = None):
 # ---------------------------------------------------------------------------- evaluation
 
 
+def _has_split(data, split: str) -> bool:
+    from medseek.data.manifest import read_manifest
+
+    root = Path(data)
+    path = root / "manifest.parquet" if root.is_dir() else root
+    return any(r.split == split for r in read_manifest(path))
+
+
 def _patients(ds) -> np.ndarray:
     return np.array([r.patient_id or r.study_id or r.id for r in ds.records])
 
@@ -197,6 +205,64 @@ def explanation_quality(model, v: np.ndarray, s: np.ndarray, ds, k: int = 10) ->
     return {"precision": correct / shown if shown else float("nan"),
             "recall": both_shown / both if both else float("nan"),
             "shown_per_hit": shown / (len(v) * k), "distinct_sets": float(np.mean(distinct))}
+
+
+@torch.no_grad()
+def embed_images_and_regions(model, ds, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Global ``(N, D)`` and region ``(N, R, D)`` embeddings of an image split, the regions
+    (``model.cfg.preprocess.regions``) pooled over each item's boxes by the region pathway."""
+    was_training = model.training
+    model.eval()
+    glob, reg = [], []
+    for s in range(0, len(ds), batch_size):
+        items = [ds[i] for i in range(s, min(s + batch_size, len(ds)))]
+        images = torch.from_numpy(np.stack([it["image"] for it in items]))
+        boxes = torch.from_numpy(np.stack([it["boxes"] for it in items]))
+        g, r = model.encode_image_and_regions(images, boxes)
+        glob.append(g.float().numpy())
+        reg.append(r.float().numpy())
+    model.train(was_training)
+    return np.concatenate(glob), np.concatenate(reg)
+
+
+def region_diagnosis(model, archive_ds, test_ds, val_ds=None, n_boot: int = 1000,
+                     seed: int = 0) -> dict | None:
+    """WristMIR kNN diagnosis of ``test_ds`` against ``archive_ds`` (the train split: the
+    prior cases), global vs region rerank (:func:`medseek.eval.region_diagnosis.
+    knn_region_diagnosis`), for a model with named regions whose labels are
+    ``"<region> fracture"``; None for any other model.
+
+    Returns ``{"majority": ..., "calibrated": ...}``: votes thresholded at 0.5, and at
+    per-label thresholds fitted on ``val_ds`` (queried against the same archive; only
+    with ``val_ds``)."""
+    from medseek.eval.region_diagnosis import fit_vote_thresholds, knn_region_diagnosis, knn_votes
+
+    regions = [r.replace("_", " ") for r in model.cfg.preprocess.regions]
+    if model.modality != "image" or not regions:
+        return None
+    labels = [f"{r} fracture" for r in regions]
+    if any(lab not in test_ds.label_names for lab in labels):
+        return None
+
+    def label_matrix(ds) -> np.ndarray:
+        return np.array([[lab in r.labels for lab in labels] for r in ds.records], dtype=bool)
+
+    a_glob, a_reg = embed_images_and_regions(model, archive_ds)
+    q_glob, q_reg = embed_images_and_regions(model, test_ds)
+    y_arch, y_test = label_matrix(archive_ds), label_matrix(test_ds)
+
+    def score(thresholds) -> dict:
+        return knn_region_diagnosis(q_glob, q_reg, a_glob, a_reg, y_arch, y_test,
+                                    _patients(test_ds), labels, thresholds=thresholds,
+                                    n_boot=n_boot, seed=seed)
+
+    out = {"majority": score(0.5)}
+    if val_ds is not None:
+        v_glob, v_reg = embed_images_and_regions(model, val_ds)
+        votes = knn_votes(v_glob, v_reg, a_glob, a_reg, y_arch)
+        y_val = label_matrix(val_ds)
+        out["calibrated"] = score({key: fit_vote_thresholds(v, y_val) for key, v in votes.items()})
+    return out
 
 
 @torch.no_grad()
@@ -365,6 +431,10 @@ def run_variant(name: str, recipe: str, overrides: dict, data: str | Path, out_d
                   "flops": trainer.compute.get("flops", 0.0), "final_loss": last.get("loss"),
                   "test": evaluate_split(model, test, tokenizer, labels, text_cache=cache,
                                          device=device, n_boot=n_boot)}
+    val = PairDataset.from_manifest(data, model.cfg, "val") if _has_split(data, "val") else None
+    diagnosis = region_diagnosis(model, train, test, val, n_boot=n_boot)
+    if diagnosis is not None:
+        rows[name]["test"]["region_diagnosis"] = diagnosis
     if report is not None:
         rows[name]["curation"] = {"rare_labels": report["rare_labels"],
                                   "rare_kept_fraction": report["rare_kept_fraction"]}

@@ -18,9 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a dual encoder from a recipe",
                               description="Train a dual encoder (medseek.train) from a recipe.")
     p.add_argument("--recipe", help="recipe name (tiny-cxr, tiny-wrist, tiny-ct, demo, "
-                   "small, base, retrieval-cxr) or a JSON path")
+                   "small, base, retrieval-cxr, retrieval-wrist, retrieval-ct) or a JSON path")
     p.add_argument("--data", help="corpus directory holding manifest.parquet")
-    p.add_argument("--release", default=None, help="reproduce a shipped model (e.g. chest-xr): "
+    p.add_argument("--release", default=None, help="reproduce a shipped model (chest-xr, wrist, chest-ct): "
                    "builds its corpus, trains its recipe, calibrates and evaluates it, writes "
                    "OUT/release/ and compares the test metrics with the shipped card")
     p.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl)")

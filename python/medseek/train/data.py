@@ -225,6 +225,7 @@ def collate(items: list[dict], tokenizer, text_ids: dict) -> dict:
         batch["region_valid"] = valid.reshape(len(items), -1)
         batch["region_input_ids"], batch["region_attention_mask"] = tokenize(tokenizer, texts)
         batch["region_group"] = torch.tensor([text_ids.get(t, -1) for t in texts], dtype=torch.long)
+        batch["region_findings"] = _sentence_findings(texts)
         return batch
     # volumes differ in H, W after resampling, so in tokens per chunk: pad to the longest,
     # padding tokens masked out (valid_mask False) so attention never sees them
@@ -246,4 +247,15 @@ def collate(items: list[dict], tokenizer, text_ids: dict) -> dict:
     batch["organs"] = organs
     batch["organ_input_ids"], batch["organ_attention_mask"] = tokenize(tokenizer, texts)
     batch["organ_group"] = torch.tensor([text_ids.get(t, -1) for t in texts], dtype=torch.long)
+    batch["organ_findings"] = _sentence_findings(texts)
     return batch
+
+
+def _sentence_findings(texts: list[str]) -> torch.Tensor:
+    """``(M, F)`` findings each region/organ sentence asserts (the ``region_finding``
+    loss targets), ``F = len(concept_names())``."""
+    from medseek.text.concepts import concept_names
+
+    if not texts:
+        return torch.zeros((0, len(concept_names())), dtype=torch.float32)
+    return torch.from_numpy(np.stack([report_finding_vector(t) for t in texts]))

@@ -69,6 +69,10 @@ class LossConfig:
     # LGDEA-style evidence: BCE of the model's finding head on image and report embeddings
     # against the item's findings, train.data.item_findings (needs config finding_head: true)
     w_finding: float = 0.0
+    # the same at the level of a region (WristMIR bone) or organ (SigVLP): the finding
+    # head on each region/organ embedding and on its sentence's embedding, against the
+    # findings that sentence asserts (needs w_region or w_organ, and the finding head)
+    w_region_finding: float = 0.0
     gap_uniformity: float = 0.0  # weight u of the uniformity part of the gap term
 
     def __post_init__(self) -> None:
@@ -76,7 +80,8 @@ class LossConfig:
             raise ValueError(f"contrastive must be one of {CONTRASTIVE}, got {self.contrastive!r}")
         if self.soft_labels and self.contrastive != "clip":
             raise ValueError("soft_labels needs contrastive='clip' (the sigmoid loss has no soft targets)")
-        for name in ("w_global", "w_region", "w_organ", "w_gap", "gap_uniformity", "w_finding"):
+        for name in ("w_global", "w_region", "w_organ", "w_gap", "gap_uniformity", "w_finding",
+                     "w_region_finding"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
@@ -230,8 +235,13 @@ def combine_losses(model, emb: dict[str, torch.Tensor], batch: dict, cfg: LossCo
         parts["gap"] = modality_gap_loss(vis, txt, cfg.gap_uniformity)
     if cfg.w_finding > 0:
         parts["finding"] = finding_loss(model, vis, txt, gather(batch["findings"]))
+    if cfg.w_region_finding > 0:
+        key = "region" if "region" in emb else "organ"
+        if key in emb and emb[key].shape[0] > 0:
+            parts["region_finding"] = finding_loss(model, gather(emb[key]), gather(emb[f"{key}_text"]),
+                                                   gather(batch[f"{key}_findings"]))
     weights = {"global": cfg.w_global, "region": cfg.w_region, "organ": cfg.w_organ,
-               "gap": cfg.w_gap, "finding": cfg.w_finding}
+               "gap": cfg.w_gap, "finding": cfg.w_finding, "region_finding": cfg.w_region_finding}
     if not parts:
         raise ValueError("no loss term is active: every weight is 0 or its inputs are missing")
     total = sum(weights[k] * v for k, v in parts.items())
