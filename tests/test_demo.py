@@ -84,7 +84,7 @@ def check_run(out: Path, text: str) -> dict:
     assert summary["sites"]["wrist"]["ingest"]["collections"].get("region", 0) > 0
     assert "distal radius (" in text
     assert set(summary["sites"]["wrist"]["metrics"]) == {"global", "region rerank (distal radius)"}
-    for name in ("MiniLM only", "MiniLM + concepts"):
+    for name in ("MiniLM only", "MiniLM + side-aware concepts"):
         mean, lo, hi = summary["reports"][name]
         assert 0.0 <= lo <= mean <= hi <= 1.0
     assert text.count("query: ") == 4  # the IU report archive's free-text queries

@@ -268,7 +268,7 @@ def test_queue_is_bounded_while_finishing_is_backed_up():
     pytest.importorskip("grpc")
     import grpc
 
-    from medseek.serve.messages import status_of
+    from medseek.serve.errors import status_of
 
     fin = Gate(lambda key, xs, out: list(out), hold=1)
 

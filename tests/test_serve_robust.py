@@ -69,11 +69,15 @@ def test_generated_code_is_up_to_date():
     (b"not an image at all", "unrecognised"),
 ])
 def test_corrupt_or_truncated_image_is_invalid_argument(client, data, words):
-    code, details = _code(lambda: client.ingest([
-        pb.IngestItem(id="bad", image=data),
-        pb.IngestItem(id="after", text="Heart size normal.")]))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "items[0].image" in details and words in details
+    resp = client.ingest([pb.IngestItem(id="bad", image=data),
+                          pb.IngestItem(id="after", text="Heart size normal.")], check=False)
+    bad, after = resp.acks
+    assert (bad.index, bad.id, bad.status) == (0, "bad", "failed")
+    assert bad.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "items[0].image" in bad.error.message and words in bad.error.message
+    assert (after.index, after.status, after.HasField("error")) == (1, "inserted", False)
+    assert (resp.inserted, resp.failed) == (1, 1)
+    assert client.delete(["after"]).deleted == ["after"]  # the module's store as it was
     code, details = _code(lambda: client.search(pb.SearchRequest(image=data)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("image")
     _still_serving_and_intact(client)

@@ -269,9 +269,12 @@ def demo_site(out: Path, name: str, model, kind: str, k: int, summary: dict) -> 
 
     with RunningSite(name, model.repo, out / "service" / name, kind) as site:
         _log(f"started {site.describe()}")
-        if name == "wrist":
+        if name == "wrist" and model.card is None:
             _log("(explaining concepts come from the server's chest finding lexicon: "
                  "for wrists they are shown, not meaningful)")
+        elif name == "wrist":
+            _log("(explaining concepts: the wrist model's finding head, calibrated on its "
+                 "validation split; of the lexicon's findings only 'fracture' applies)")
         t0 = time.perf_counter()
         totals = ingest(site, model.corpus, split.archive, with_regions=(name == "wrist"))
         stats = site.client.stats()
@@ -338,7 +341,7 @@ def demo_reports(out: Path, n_reports: int, cache) -> tuple[np.ndarray, int, lis
     from medseek.models.text_tower import TextEncoder
     from medseek.search import SearchConfig, SearchPipeline
     from medseek.search.explain import explain
-    from medseek.text.concepts import concept_names, hybrid_embedding, report_concepts
+    from medseek.text.concepts import hybrid_embedding, lateral_concept_names, lateral_report_concepts
 
     reports = [r for r in load_iu_reports() if r.text.strip()][:n_reports]
     texts = [r.text for r in reports]
@@ -348,9 +351,11 @@ def demo_reports(out: Path, n_reports: int, cache) -> tuple[np.ndarray, int, lis
     state = "reused from the cache" if cache.hits[-1:] == ["iu-embeddings"] else "embedded"
     print(f"      {state}: {len(texts)} real IU reports, pretrained MiniLM-L6 "
           f"({time.perf_counter() - t0:.1f} s)")
-    concepts = report_concepts(texts)
+    # the server's report ranker (medseek.serve.report_ranker): MiniLM joined with the
+    # laterality-aware finding concepts
+    concepts = lateral_report_concepts(texts)
     emb = hybrid_embedding(text_emb, concepts)
-    names = concept_names()
+    names = lateral_concept_names()
 
     store_dir = out / "archive"
     if store_dir.exists():
@@ -377,7 +382,7 @@ def demo_reports(out: Path, n_reports: int, cache) -> tuple[np.ndarray, int, lis
     catalog.save()
     with SearchPipeline(catalog, store, SearchConfig(k_prime=50, k=3)) as pipeline:
         q_text = encoder.encode(list(QUERIES))
-        q_concepts = report_concepts(list(QUERIES))
+        q_concepts = lateral_report_concepts(list(QUERIES))
         q_emb = hybrid_embedding(q_text, q_concepts)
         by_id = {r.uid: (r, c) for r, c in zip(reports, concepts)}
         for query, qe, qc in zip(QUERIES, q_emb, q_concepts):
@@ -413,10 +418,12 @@ def _evidence_sentence(report, shared) -> str:
     """The report sentence that asserts the strongest shared concept (else the impression)."""
     from medseek.text.evidence import extract_evidence
 
-    wanted = [m.concept for m in shared]
-    for concept in wanted:
+    for m in shared:  # a concept is a finding, or "<side> <finding>"
+        side, _, rest = m.concept.partition(" ")
+        finding, side = (rest, side) if side in ("left", "right") and rest else (m.concept, None)
         for ev in extract_evidence(report.text):
-            if ev.finding == concept and not ev.negated and not ev.uncertain:
+            if (ev.finding == finding and ev.positive
+                    and (side is None or ev.laterality in (side, "bilateral"))):
                 return ev.sentence
     return report.impression or report.findings
 
@@ -433,7 +440,7 @@ def demo_eval(emb: np.ndarray, text_dim: int, reports: list) -> dict:
     _, labels = mesh_heading_matrix(reports)
     relevance = label_overlap_relevance(labels, labels, mode="jaccard")
     results = {}
-    for name, vecs in (("MiniLM only", emb[:, :text_dim]), ("MiniLM + concepts", emb)):
+    for name, vecs in (("MiniLM only", emb[:, :text_dim]), ("MiniLM + side-aware concepts", emb)):
         v = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
         scores = (v @ v.T).astype(np.float64)
         np.fill_diagonal(scores, -np.inf)
@@ -513,7 +520,12 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nDone in {summary['total_s']:.0f} s; outputs in {out}/ (summary.json, "
           f"contact_sheets/, service/*/triton.log); cache: {len(cache.hits)} reused, "
           f"{len(cache.misses)} built")
-    print("The chest model is the shipped trained release (its card and benchmarks/RESULTS.md "
-          "give its test metrics); the wrist and CT demo models are barely trained (minutes "
-          "on a CPU): their rankings show the path works, not what trained models reach.")
+    shipped = [site for site, m in models.items() if m.card is not None]
+    trained = [site for site in models if site not in shipped]
+    if shipped:
+        print(f"Shipped trained releases: {', '.join(shipped)} (their model cards and "
+              "benchmarks/RESULTS.md give their test metrics).")
+    if trained:
+        print(f"Barely trained here (minutes on a CPU): {', '.join(trained)}; their rankings "
+              "show the path works, not what trained models reach.")
     return 0

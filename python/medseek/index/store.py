@@ -13,12 +13,21 @@ remembers the last seq it applied and catches up with ``removed_row_keys`` and
 Thread safety: one connection guarded by a lock, so a ``Store`` may be shared between
 threads; several processes may open the same file (SQLite serialises writers).
 Nothing here logs metadata values: patient and study pseudonyms never reach a log.
+
+Privacy on disk: a store the ``Store`` creates is readable by its owner only (the file
+0600, and SQLite gives its ``-wal`` and ``-shm`` files the file's mode; a folder it has
+to create, 0700). An existing file keeps the mode it has.
+
+Ids are looked up by bound parameters, never through a JSON array: SQLite's JSON
+functions cut a string at a NUL, so such an id could never be found again to be erased.
+New ids must be printable (``upsert`` refuses control characters).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -47,6 +56,7 @@ class Store:
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
         self._lock = threading.RLock()
+        _create_private(Path(config.path))
         self._con = sqlite3.connect(
             config.path, isolation_level=None, check_same_thread=False,
             timeout=config.busy_timeout_s,
@@ -134,6 +144,9 @@ class Store:
             if r.collection not in self.config.collections:
                 raise ValueError(f"items[{i}].collection must be one of "
                                  f"{self.config.collections}, got {r.collection!r}")
+            if not r.id.isprintable():
+                raise ValueError(f"items[{i}].id must be printable: no NUL or control "
+                                 f"characters")
             if r.id in seen:
                 raise ValueError(f"items[{i}].id repeats items[{seen[r.id]}].id {r.id!r}")
             seen[r.id] = i
@@ -206,19 +219,22 @@ class Store:
             Ids actually deleted, children included, sorted.
         """
         ids = str_list("ids", ids) or []
+        rows = []
         with self._write() as con:
-            rows = con.execute(
-                """WITH RECURSIVE doomed(row_key, item_id, collection) AS (
-                       SELECT row_key, item_id, collection FROM items
-                       WHERE item_id IN (SELECT value FROM json_each(?))
-                       UNION
-                       SELECT i.row_key, i.item_id, i.collection FROM items i
-                       JOIN doomed d ON i.parent_id = d.item_id)
-                   SELECT row_key, item_id, collection FROM doomed ORDER BY row_key""",
-                (json.dumps(ids),)).fetchall()
-            for row_key, _, collection in rows:
-                log_change(con, row_key, collection, "delete")
-                con.execute("DELETE FROM items WHERE row_key = ?", (row_key,))
+            for part in _parts(ids):
+                found = con.execute(
+                    f"""WITH RECURSIVE doomed(row_key, item_id, collection) AS (
+                           SELECT row_key, item_id, collection FROM items
+                           WHERE item_id IN ({_marks(part)})
+                           UNION
+                           SELECT i.row_key, i.item_id, i.collection FROM items i
+                           JOIN doomed d ON i.parent_id = d.item_id)
+                       SELECT row_key, item_id, collection FROM doomed ORDER BY row_key""",
+                    part).fetchall()
+                for row_key, _, collection in found:
+                    log_change(con, row_key, collection, "delete")
+                    con.execute("DELETE FROM items WHERE row_key = ?", (row_key,))
+                rows += found
         log.debug("deleted %d items", len(rows))
         return sorted(r[1] for r in rows)
 
@@ -226,12 +242,14 @@ class Store:
     def get(self, ids: Sequence[str], *, with_embeddings: bool = False) -> dict[str, StoredItem]:
         """Items by id; unknown ids are absent from the result."""
         ids = str_list("ids", ids) or []
+        rows = []
         with self._lock:
-            rows = self._con.execute(
-                f"SELECT {ITEM_COLUMNS}, row_key, seq, created_at, updated_at, "
-                "(SELECT vector FROM embeddings e WHERE e.row_key = items.row_key AND e.model = ?) "
-                "FROM items WHERE item_id IN (SELECT value FROM json_each(?))",
-                (self.config.model, json.dumps(ids))).fetchall()
+            for part in _parts(list(dict.fromkeys(ids))):
+                rows += self._con.execute(
+                    f"SELECT {ITEM_COLUMNS}, row_key, seq, created_at, updated_at, "
+                    "(SELECT vector FROM embeddings e WHERE e.row_key = items.row_key "
+                    f"AND e.model = ?) FROM items WHERE item_id IN ({_marks(part)})",
+                    (self.config.model, *part)).fetchall()
         out = {}
         for row in rows:
             emb = None
@@ -431,3 +449,29 @@ class Store:
         return {"items": per, "embeddings": n_emb, "dims": self.collections(),
                 "last_seq": self.last_seq(), "schema_version": SCHEMA_VERSION,
                 "model": self.config.model, "file_bytes": files}
+
+
+#: ids bound per statement (SQLite allows 32766 parameters)
+_ID_PART = 500
+
+
+def _parts(ids: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(ids), _ID_PART):
+        yield ids[start:start + _ID_PART]
+
+
+def _marks(part: list[str]) -> str:
+    return ", ".join("?" * len(part))
+
+
+def _create_private(path: Path) -> None:
+    """Create the store's folder (0700) and file (0600) when missing, so that SQLite
+    opens a file only its owner can read (it gives ``-wal`` and ``-shm`` the same mode)."""
+    if str(path) == ":memory:" or str(path).startswith("file:"):
+        return
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass

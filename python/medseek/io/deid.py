@@ -316,6 +316,9 @@ def deidentify(ds: Dataset, config: DeidConfig) -> DeidRecord:
     ds.LongitudinalTemporalInformationModified = "REMOVED"
     meta = getattr(ds, "file_meta", None)
     if meta is not None and "MediaStorageSOPInstanceUID" in meta and "SOPInstanceUID" in ds:
+        # deleted first: assigning over it would convert (and validate, and quote in a
+        # warning) the original UID
+        del meta["MediaStorageSOPInstanceUID"]
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         walker.note(0x00020003, "MediaStorageSOPInstanceUID", "U")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -47,6 +48,38 @@ def parse_errors(name: str) -> Iterator[None]:
         raise
     except PARSE_ERRORS as exc:
         raise MedicalImageError(f"{name}: corrupt or truncated DICOM ({type(exc).__name__})") from None
+
+
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_saved: int | None = None
+
+
+@contextmanager
+def quiet_validation() -> Iterator[None]:
+    """Switch pydicom's value validation off while a reader works on a dataset.
+
+    pydicom validates a value when it first converts it and, on a malformed one, warns
+    and logs a message that quotes the value: a malformed (original) SOP Instance UID, a
+    patient name. No identifier may reach stderr or a log, so readers run inside this.
+    The switch (``pydicom.config.settings.reading_validation_mode``) is process-wide:
+    readers on several threads share it, and the mode found by the first one in is put
+    back when the last one leaves.
+    """
+    global _quiet_depth, _quiet_saved
+    settings = pydicom.config.settings
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_saved = settings.reading_validation_mode
+            settings.reading_validation_mode = pydicom.config.IGNORE
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                settings.reading_validation_mode = _quiet_saved
 
 
 def read_dataset(data: bytes, name: str) -> Dataset:

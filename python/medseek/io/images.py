@@ -88,9 +88,10 @@ def read_image(
 def _read_dicom_image(
     data: bytes, name: str, limits: ReadLimits, deid: DeidConfig | None, frame: int | None
 ) -> Image2D:
-    ds = dcm.read_dataset(data, name)
-    with dcm.parse_errors(name):
-        return _dicom_to_image(ds, name, limits, deid, frame)
+    with dcm.quiet_validation():
+        ds = dcm.read_dataset(data, name)
+        with dcm.parse_errors(name):
+            return _dicom_to_image(ds, name, limits, deid, frame)
 
 
 def _dicom_to_image(

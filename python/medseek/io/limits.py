@@ -34,10 +34,17 @@ class ReadLimits:
     max_zip_members : int
         Most members in a zip archive (or files in a series directory).
     max_zip_uncompressed_bytes : int
-        Largest total uncompressed size of a zip archive (from its directory), or total
-        size of the files of a series directory or list.
+        Largest total uncompressed size of a zip archive (checked from its directory, and
+        again while inflating: inflation stops there), or total size of the files of a
+        series directory or list.
     max_zip_ratio : float
-        Largest compression ratio of one zip member (uncompressed / compressed).
+        Largest compression ratio (uncompressed / compressed) of one zip member over
+        1 MiB, and of a whole archive over 1 MiB (many small members each compressed a
+        thousand-fold are a bomb too).
+
+    The defaults suit a trusted batch job; a server reading uploads uses tighter ones
+    (``medseek.serve.config.SERVE_LIMITS``). Every check happens before the memory it
+    guards is allocated, and the message names the limit and its value.
     """
 
     max_file_bytes: int = 2048 * _MIB

@@ -36,13 +36,17 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt
 
-from .dicom import narrow
 from .errors import LimitExceededError, MedicalImageError
 from .limits import ReadLimits
 from .records import Volume
 from .sources import Source, is_gzip, read_source
 
+_HEADER_BYTES = {1: 348, 2: 540}
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+#: bytes inflated per step of a streamed gunzip
+_GUNZIP_PIECE = 4 << 20
+#: elements scaled per step (bounds the float64 temporaries of ``_scale``)
+_SCALE_PIECE = 1 << 20
 
 
 def nifti_kind(header: bytes) -> int | None:
@@ -60,6 +64,30 @@ def _gunzip(data: bytes, max_bytes: int, name: str) -> bytes:
         return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data, max_bytes)
     except zlib.error:
         raise MedicalImageError(f"{name}: corrupt gzip stream") from None
+
+
+def _gunzip_into(data: bytes, nbytes: int, name: str) -> np.ndarray:
+    """The first ``nbytes`` of a gzip stream, inflated piece by piece into one buffer.
+
+    Memory is the ``nbytes`` the header declared (already checked against the limits)
+    plus one piece: nothing past ``nbytes`` is ever inflated, and no intermediate bytes
+    object of the whole stream is built. Returns a writable uint8 array of at most
+    ``nbytes`` (fewer when the stream is shorter).
+    """
+    out = np.empty(nbytes, dtype=np.uint8)
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    pending, filled = data, 0
+    try:
+        while filled < nbytes:
+            piece = inflater.decompress(pending, min(_GUNZIP_PIECE, nbytes - filled))
+            if not piece and (inflater.eof or not inflater.unconsumed_tail):
+                break
+            out[filled:filled + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+            filled += len(piece)
+            pending = inflater.unconsumed_tail
+    except zlib.error:
+        raise MedicalImageError(f"{name}: corrupt gzip stream") from None
+    return out[:filled]
 
 
 def is_nifti(data: bytes, name: str = "<bytes>") -> bool:
@@ -111,22 +139,37 @@ def read_nifti(
     volumes = _check_shape(shape, volume_index, label, limits)
     total = int(np.prod(shape[:3])) * volumes * itemsize
     limits.check_decoded_bytes(total, label)
+    if offset < _HEADER_BYTES[kind]:
+        raise MedicalImageError(f"{label}: NIfTI vox_offset {offset} points into the header")
+    # Decoded bytes are costed from the header above; the data are then inflated straight
+    # into one buffer (a .nii.gz) or viewed in the upload (a .nii), and viewed as the
+    # array; the scaled result is the only other full-size allocation, so the peak is
+    # about two decoded volumes whatever the input (nibabel's reader took seven).
     if compressed:
-        data = _gunzip(data, offset + total, label)
-    if len(data) < offset + total:
-        raise MedicalImageError(f"{label}: truncated NIfTI ({len(data)} bytes, header needs {offset + total})")
+        raw_bytes = _gunzip_into(data, offset + total, label)[offset:]
+    else:
+        raw_bytes = np.frombuffer(data, dtype=np.uint8)[offset:offset + total]
+    if raw_bytes.size < total:
+        raise MedicalImageError(f"{label}: truncated NIfTI ({offset + raw_bytes.size} bytes, "
+                                f"header needs {offset + total})")
     try:
-        img = klass.from_bytes(data)
-        proxy = img.dataobj
-        raw = np.asarray(proxy.get_unscaled())
-        slope, inter = float(proxy.slope), float(proxy.inter)
-    except Exception as exc:
-        raise MedicalImageError(f"{label}: unreadable NIfTI data ({type(exc).__name__})") from None
+        dtype = header.get_data_dtype()
+        slope, inter = header.get_slope_inter()
+        affine = header.get_best_affine()
+    except Exception as exc:  # nibabel raises several types for bad headers
+        raise MedicalImageError(f"{label}: unreadable NIfTI header "
+                                f"({type(exc).__name__})") from None
+    if dtype.fields is not None or dtype.kind not in "iuf":
+        raise MedicalImageError(f"{label}: NIfTI data type {dtype} (complex/RGB) is not supported")
+    full = (shape + (1, 1))[:3] + ((volumes,) if len(shape) >= 4 else ())
+    raw = raw_bytes[:total].view(dtype).reshape(full, order="F")  # NIfTI stores x fastest
     if raw.ndim == 4:
         raw = raw[..., volume_index or 0]
-    raw = raw.reshape(raw.shape[:3])
+    slope = 1.0 if slope is None else float(slope)
+    inter = 0.0 if inter is None else float(inter)
     values = _scale(raw, slope, inter, label)
-    return _canonical(values, img.affine, img.header, kind, label)
+    del raw, raw_bytes  # the inflated buffer goes before the canonical copy is made
+    return _canonical(values, affine, header, kind, label)
 
 
 def _check_shape(shape: tuple[int, ...], volume_index: int | None, name: str, limits: ReadLimits) -> int:
@@ -145,18 +188,37 @@ def _check_shape(shape: tuple[int, ...], volume_index: int | None, name: str, li
     nx, ny, nz = shape[:3]
     limits.check_volume(nz, ny, nx, name)
     if volumes * nx * ny * nz > limits.max_voxels:
-        raise LimitExceededError(f"{name}: {volumes} volumes of {nx}x{ny}x{nz} exceeds ReadLimits.max_voxels")
+        raise LimitExceededError(f"{name}: {volumes} volumes of {nx}x{ny}x{nz} exceeds "
+                                 f"ReadLimits.max_voxels={limits.max_voxels}")
     return volumes
 
 
 def _scale(raw: np.ndarray, slope: float, inter: float, name: str) -> np.ndarray:
+    """``raw * slope + inter``: int16/uint16 when integral and in range, else float32.
+
+    Works piece by piece along the last (slowest, NIfTI z) axis so the temporaries stay
+    small: the result is the only full-size allocation.
+    """
     if not (np.isfinite(slope) and np.isfinite(inter)):
         raise MedicalImageError(f"{name}: scl_slope/scl_inter not finite")
     if np.issubdtype(raw.dtype, np.integer) and slope == 1 and float(inter).is_integer():
-        return narrow(raw.astype(np.int64) + int(inter), (np.int16, np.uint16))
-    if np.issubdtype(raw.dtype, np.complexfloating) or raw.dtype.fields is not None:
-        raise MedicalImageError(f"{name}: NIfTI data type {raw.dtype} (complex/RGB) is not supported")
-    return (raw.astype(np.float64) * slope + inter).astype(np.float32)
+        shift = int(inter)
+        lo, hi = (int(raw.min()) + shift, int(raw.max()) + shift) if raw.size else (0, 0)
+        for dtype in (np.int16, np.uint16):
+            info = np.iinfo(dtype)
+            if info.min <= lo and hi <= info.max:
+                return _map_pieces(raw, dtype, lambda p, s=shift: p.astype(np.int64) + s)
+    return _map_pieces(raw, np.float32, lambda p: p.astype(np.float64) * slope + inter)
+
+
+def _map_pieces(raw: np.ndarray, dtype, fn) -> np.ndarray:
+    """``fn(raw).astype(dtype)`` computed over slabs of the last axis (F-ordered result)."""
+    out = np.empty(raw.shape, dtype=dtype, order="F")
+    plane = max(1, int(np.prod(raw.shape[:-1])))
+    step = max(1, _SCALE_PIECE // plane)
+    for k in range(0, raw.shape[-1], step):
+        out[..., k:k + step] = fn(raw[..., k:k + step])
+    return out
 
 
 def _canonical(values: np.ndarray, affine: np.ndarray, header, kind: int, name: str) -> Volume:

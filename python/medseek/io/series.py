@@ -117,6 +117,12 @@ def read_dicom_series(
     LimitExceededError
         Any declared size beyond ``limits``.
     """
+    with dcm.quiet_validation():  # pydicom's warnings would quote header values
+        return _read_series(source, limits, deid, gap_tolerance, name)
+
+
+def _read_series(source, limits: ReadLimits | None, deid: DeidConfig | None,
+                 gap_tolerance: float, name: str | None) -> Volume:
     limits = limits if limits is not None else ReadLimits()
     if not gap_tolerance >= 0:
         raise ValueError(f"gap_tolerance must be >= 0, got {gap_tolerance!r}")

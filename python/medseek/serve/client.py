@@ -10,6 +10,45 @@ from .v1 import retrieval_pb2 as pb
 from .v1 import retrieval_pb2_grpc as pb_grpc
 
 
+class IngestFailed(grpc.RpcError):
+    """Items of an ``Ingest`` call failed; the others were committed.
+
+    ``code()`` and ``details()`` are those of the first failed item (as a failed call's
+    are), ``failures`` lists every failed ack (index, id, error), ``response`` is the
+    whole ``IngestResponse`` with the acks of the committed items.
+    """
+
+    def __init__(self, response: pb.IngestResponse) -> None:
+        self.response = response
+        self.failures = [a for a in response.acks if a.HasField("error")]
+        first = self.failures[0].error
+        more = len(self.failures) - 1
+        self._code = status_code(first.code)
+        self._details = first.message + (f" (and {more} more failed items)" if more else "")
+        super().__init__(self._details)
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The ``grpc.StatusCode`` of a status number (``medseek.v1.Error.code``)."""
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def describe_failure(ack: pb.IngestAck) -> str:
+    """``INVALID_ARGUMENT: items[3].image: ...`` of an ack with an error; an item stored
+    without some of its chunks or regions says so: ``(inserted, in part) INTERNAL: ...``."""
+    part = f"({ack.status}, in part) " if ack.status != "failed" else ""
+    return f"{part}{status_code(ack.error.code).name}: {ack.error.message}"
+
+
 class RetrievalClient:
     """``RetrievalClient("127.0.0.1:50051", token=...)``; methods mirror the RPCs.
 
@@ -51,11 +90,21 @@ class RetrievalClient:
 
     def search_stream(self, requests: Iterable[pb.SearchRequest],
                       timeout: float | None = None) -> Iterator[pb.SearchResponse]:
+        """Responses as they are done, each with its request's ``request_id``; a request
+        that failed is answered with ``error`` set (and no hits)."""
         return self.stub.SearchStream(iter(requests), timeout=timeout, metadata=self.metadata)
 
-    def ingest(self, items: Iterable[pb.IngestItem], timeout: float | None = 300.0
-               ) -> pb.IngestResponse:
-        return self.stub.Ingest(iter(items), timeout=timeout, metadata=self.metadata)
+    def ingest(self, items: Iterable[pb.IngestItem], timeout: float | None = 300.0,
+               check: bool = True) -> pb.IngestResponse:
+        """Stream ``items`` in; the response acks each one (``acks[i].index``).
+
+        With ``check`` an item that failed (an ack with ``error``) raises
+        :class:`IngestFailed`, which carries the response; without it the response is
+        returned as it is, failed items included (``failed`` counts them)."""
+        resp = self.stub.Ingest(iter(items), timeout=timeout, metadata=self.metadata)
+        if check and any(a.HasField("error") for a in resp.acks):
+            raise IngestFailed(resp)
+        return resp
 
     def delete(self, ids: list[str], timeout: float | None = 30.0) -> pb.DeleteResponse:
         return self.stub.Delete(pb.DeleteRequest(ids=ids), timeout=timeout,

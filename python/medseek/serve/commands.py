@@ -20,7 +20,11 @@ def register(subparsers) -> None:
     p.add_argument("--config", type=Path, help="serve config (.json or .toml)")
     p.add_argument("--store", type=Path, help="SQLite store path (overrides the config)")
     p.add_argument("--index-dir", type=Path, help="saved index folder (overrides the config)")
-    p.add_argument("--host", help="listen host (default 127.0.0.1)")
+    p.add_argument("--host", help="listen host (default 127.0.0.1); another host needs "
+                                  "tokens or TLS in --config, or --insecure-public")
+    p.add_argument("--insecure-public", action="store_true", default=None,
+                   help="allow a non-loopback --host with neither tokens nor TLS (anyone "
+                        "who reaches the port can read and erase the archive)")
     p.add_argument("--port", type=int, help="listen port (0 picks a free one)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port on 127.0.0.1")
     p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
@@ -122,13 +126,16 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     overrides = dict(store_path=args.store, index_dir=args.index_dir, host=args.host,
                      port=args.port, metrics_port=args.metrics_port,
-                     report_ranker=args.report_ranker)
-    if args.config is not None:
-        cfg = load_config(args.config, **overrides)
-    else:
-        if args.store is None or args.index_dir is None:
-            raise SystemExit("medseek serve: give --config, or --store and --index-dir")
-        cfg = ServeConfig(**{k: v for k, v in overrides.items() if v is not None})
+                     report_ranker=args.report_ranker, insecure_public=args.insecure_public)
+    try:
+        if args.config is not None:
+            cfg = load_config(args.config, **overrides)
+        else:
+            if args.store is None or args.index_dir is None:
+                raise SystemExit("medseek serve: give --config, or --store and --index-dir")
+            cfg = ServeConfig(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:  # a bad or unsafe configuration: say so, no traceback
+        raise SystemExit(f"medseek serve: {exc}") from None
     encoder = encoder_from_args(args)
 
     def ready(server, port):
@@ -238,11 +245,14 @@ def _region(pb, raw: dict, where: str):
 
 
 def cmd_ingest(args) -> int:
+    """Ingest in calls of ``--batch-size`` items; each failed item is reported on stderr
+    (its position in the source, id, status code and message) while the others are
+    stored. Exit status 1 when any item failed."""
     from tqdm import tqdm
 
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
-    totals = {"inserted": 0, "updated": 0, "duplicates": 0}
+    totals = {"inserted": 0, "updated": 0, "duplicates": 0, "failed": 0, "sent": 0}
     with _client(args) as client, tqdm(desc="ingest", unit="item") as bar:
         batch = []
         for item in iter_items(args.source, args.collection):
@@ -251,16 +261,24 @@ def cmd_ingest(args) -> int:
                 _send(client, batch, totals, bar, args.timeout)
         _send(client, batch, totals, bar, args.timeout)
     print(f"ingested: {totals['inserted']} inserted, {totals['updated']} updated, "
-          f"{totals['duplicates']} duplicates")
-    return 0
+          f"{totals['duplicates']} duplicates, {totals['failed']} failed")
+    return 1 if totals["failed"] else 0
 
 
 def _send(client, batch, totals, bar, timeout) -> None:
+    from .client import describe_failure
+
     if not batch:
         return
-    resp = client.ingest(list(batch), timeout=timeout)
-    for key in totals:
+    resp = client.ingest(list(batch), timeout=timeout, check=False)
+    for key in ("inserted", "updated", "duplicates", "failed"):
         totals[key] += getattr(resp, key)
+    for ack in resp.acks:
+        if ack.HasField("error"):  # the item's number in the source and id, then why
+            item_id = batch[ack.index].id if ack.index < len(batch) else ack.id
+            bar.write(f"failed: item {totals['sent'] + ack.index} {item_id!r}: "
+                      f"{describe_failure(ack)}", file=sys.stderr)
+    totals["sent"] += len(batch)
     bar.update(len(batch))
     batch.clear()
 

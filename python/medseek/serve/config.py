@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -10,6 +11,62 @@ from medseek.io import DeidConfig, ReadLimits
 from medseek.search import SearchConfig
 
 _MIB = 1024 * 1024
+
+#: What the server's readers accept of one upload (``ServeConfig.limits``), tighter than a
+#: batch job's ``ReadLimits()``: a request is costed from its headers before anything is
+#: inflated or decoded, and a volume request then holds about two decoded volumes at once
+#: (``medseek.io.nifti``). 256 MiB of decoded pixels is a 512 x 512 x 512 int16 CT, about
+#: what fits a 64 MiB message (``max_receive_message_bytes``) once CT compresses ~3-4x.
+SERVE_LIMITS = ReadLimits(
+    max_file_bytes=256 * _MIB,
+    max_voxels=128 * _MIB,  # 512 x 512 x 512
+    max_decoded_bytes=256 * _MIB,
+    max_zip_uncompressed_bytes=288 * _MIB,  # the decoded pixels plus the DICOM headers
+)
+
+
+@dataclass(frozen=True)
+class RequestBudget:
+    """What one request may cost the server beyond what ``ReadLimits`` bounds; each is
+    checked before the work it bounds starts, and a request over one is refused with
+    RESOURCE_EXHAUSTED and a message naming the budget and its value.
+
+    Attributes
+    ----------
+    max_text_bytes : int
+        UTF-8 bytes of one text (a query or a report). The towers truncate to their
+        context (128-256 tokens), but the tokenizer and the report concept extraction
+        read all of it, on the one encoder thread every query waits for: 32 KiB is ten
+        times a long CT report, and costs milliseconds.
+    max_resampled_voxels : int
+        Voxels of a volume once resampled to the served spacing, computed from its shape
+        and voxel spacing before resampling (a few-byte NIfTI declaring a huge spacing
+        asks for billions). 32 Mi voxels (128 MiB of float32) is 320 x 320 x 320 voxels:
+        a 1.5 mm whole-body CT at 4 mm.
+    max_ids : int
+        Ids of one Get or Delete (counted as sent; repeats are then answered once).
+    """
+
+    max_text_bytes: int = 32 * 1024
+    max_resampled_voxels: int = 32 * _MIB
+    max_ids: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_text_bytes", "max_resampled_voxels", "max_ids"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"RequestBudget.{name} must be a positive int, got {value!r}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a listen address) is reachable from this machine only."""
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:  # a host name (or "" = every interface): may be reachable
+        return False
 
 
 @dataclass(frozen=True)
@@ -110,6 +167,11 @@ class ServeConfig:
         Saved FAISS indexes (a cache; rebuilt from the store when missing).
     host, port : str, int
         Listen address; 127.0.0.1 unless deliberately exposed; port 0 picks a free one.
+        A host other than loopback needs ``tokens`` or TLS (``tls_cert``/``tls_key``),
+        unless ``insecure_public`` says otherwise.
+    insecure_public : bool
+        Allow a non-loopback ``host`` with neither tokens nor TLS (anyone who reaches the
+        port can read and erase the archive); the CLI's ``--insecure-public``.
     model : str
         Embedding model tag of the store's vectors.
     tokens : tuple of str
@@ -126,6 +188,10 @@ class ServeConfig:
         Prometheus metrics on 127.0.0.1:<port> (0 picks one); None: off.
     encode_batch, search_batch : BatchConfig
         Micro-batching of the encoder and of the index (searches linger: 0.25).
+    stream_window : int
+        Requests of one ``SearchStream`` the server holds at once (read and not yet
+        answered); it reads no further until one is answered, so a client streaming faster
+        than the server answers is held back by gRPC flow control instead of filling memory.
     search_threads : int
         Threads for the search steps after the ANN (store reads, rerank, diversify,
         explain), each with its own read-only SQLite connection; the ANN of the next
@@ -141,6 +207,10 @@ class ServeConfig:
         ``faiss.cvar.distance_compute_blas_threshold`` (process-wide) to this times the
         encoder's dim: faiss 1.15 compares queries x dim with it. None leaves FAISS's
         default (128000: BLAS only from 500 queries of dim 256 on).
+    limits : ReadLimits
+        What the readers accept of one upload (``SERVE_LIMITS``).
+    budget : RequestBudget
+        What one request may cost beyond that (text, resampled voxels, ids).
     report_ranker : {"hybrid", "joint"}, optional
         Embedding of the report collection (``medseek.serve.report_ranker``): ``hybrid``,
         MiniLM sentence embedding + laterality-aware finding concepts, embedded in process;
@@ -164,12 +234,15 @@ class ServeConfig:
     encode_batch: BatchConfig = BatchConfig()
     search_batch: BatchConfig = BatchConfig(linger=0.25)
     search: SearchConfig = SearchConfig()
+    stream_window: int = 32
     search_threads: int = 2
     faiss_threads: int = 0
     faiss_blas_min_batch: int | None = 3
     preprocess: PreprocessSpec = PreprocessSpec()
-    limits: ReadLimits = ReadLimits(max_file_bytes=256 * _MIB)
+    limits: ReadLimits = SERVE_LIMITS
+    budget: RequestBudget = RequestBudget()
     report_ranker: str | None = None
+    insecure_public: bool = False
 
     def __post_init__(self) -> None:
         if self.report_ranker not in (None, "hybrid", "joint"):
@@ -185,11 +258,20 @@ class ServeConfig:
         object.__setattr__(self, "tokens", tokens)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together, got one of them")
+        if not (is_loopback(self.host) or tokens or self.tls_cert is not None
+                or self.insecure_public):
+            raise ValueError(
+                f"host {self.host!r} is not loopback, and the server has neither tokens "
+                f"(tokens_file) nor TLS (tls_cert, tls_key): anyone who reaches it could read "
+                f"and erase the archive. Configure one, bind 127.0.0.1, or set "
+                f"insecure_public = true (--insecure-public) to accept that.")
         for name in ("max_receive_message_bytes", "max_send_message_bytes"):
             if getattr(self, name) < 1024:
                 raise ValueError(f"{name} must be >= 1024, got {getattr(self, name)!r}")
         if not self.grace_s >= 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s!r}")
+        if self.stream_window < 1:
+            raise ValueError(f"stream_window must be >= 1, got {self.stream_window!r}")
         if self.search_threads < 1:
             raise ValueError(f"search_threads must be >= 1, got {self.search_threads!r}")
         if self.faiss_threads < 0:
@@ -208,14 +290,18 @@ class ServeConfig:
 
 
 _SECTIONS = {"encode_batch": BatchConfig, "search_batch": BatchConfig,
-             "search": SearchConfig, "preprocess": PreprocessSpec, "limits": ReadLimits}
+             "search": SearchConfig, "preprocess": PreprocessSpec, "limits": ReadLimits,
+             "budget": RequestBudget}
 
 
-def config_from_dict(raw: dict, base_dir: Path | None = None) -> ServeConfig:
+def config_from_dict(raw: dict, base_dir: Path | None = None, **overrides) -> ServeConfig:
     """A ``ServeConfig`` from a JSON/TOML mapping.
 
     Secrets are read from files, never inline: ``tokens_file`` (one token per line) and
-    ``deid_key_file`` (the raw key bytes). Relative paths are taken from ``base_dir``.
+    ``deid_key_file`` (the raw key bytes). Relative paths are taken from ``base_dir``. A
+    ``limits`` table changes only the fields it names of ``SERVE_LIMITS``. Keyword
+    overrides (not None) replace fields before the whole is checked, so that, e.g., a
+    ``host`` override is checked with the file's tokens.
     """
     raw = dict(raw)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
@@ -228,7 +314,8 @@ def config_from_dict(raw: dict, base_dir: Path | None = None) -> ServeConfig:
         if key in _SECTIONS:
             if not isinstance(value, dict):
                 raise ValueError(f"{key} must be a table/object, got {value!r}")
-            kwargs[key] = _SECTIONS[key](**value)
+            kwargs[key] = (replace(SERVE_LIMITS, **value) if key == "limits"
+                           else _SECTIONS[key](**value))
         elif key in ("store_path", "index_dir", "tls_cert", "tls_key"):
             kwargs[key] = base / value
         elif key == "tokens_file":
@@ -238,6 +325,7 @@ def config_from_dict(raw: dict, base_dir: Path | None = None) -> ServeConfig:
             kwargs["deid"] = DeidConfig(key=(base / value).read_bytes().strip())
         else:
             kwargs[key] = value
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
     return ServeConfig(**kwargs)
 
 
@@ -252,5 +340,4 @@ def load_config(path: str | Path, **overrides) -> ServeConfig:
         raw = json.loads(path.read_text())
     else:
         raise ValueError(f"path must end in .json or .toml, got {str(path)!r}")
-    cfg = config_from_dict(raw, path.parent)
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    return config_from_dict(raw, path.parent, **overrides)

@@ -2,24 +2,31 @@
 
 Every function here raises ``InvalidField`` (a ``ValueError``) naming the request field
 for anything wrong with the content; the servicer answers INVALID_ARGUMENT with it.
-DICOM is de-identified while it is read (``DeidConfig`` of the server): only keyed
-pseudonyms leave this module, never an original identifier. PNG/JPEG text chunks and EXIF
-are never read. Nothing here logs.
+Content over a budget (``ReadLimits`` of the readers, ``RequestBudget`` of the server)
+raises ``LimitExceededError`` naming the field, the budget and its value, before the work
+it would cost is done; the servicer answers RESOURCE_EXHAUSTED with it.
+DICOM, images and volumes alike, is de-identified while it is read (``DeidConfig`` of the
+server) and refused when the server has no key: only keyed pseudonyms leave this module,
+never an original identifier. PNG/JPEG text chunks and EXIF are never read. Nothing here
+logs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from medseek.index import ItemRecord
-from medseek.io import DeidConfig, MedicalImageError, ReadLimits, read_image, read_volume
-from medseek.io.sources import is_dicom
+from medseek.io import (DeidConfig, LimitExceededError, MedicalImageError, ReadLimits,
+                        read_image, read_volume)
+from medseek.io.nifti import is_nifti
+from medseek.io.sources import is_dicom, is_zip
 
-from .config import PreprocessSpec
+from .config import PreprocessSpec, RequestBudget
 
 #: collection used when a request names none, by content kind
 DEFAULT_COLLECTION = {"text": "report", "image": "image", "volume": "volume"}
@@ -31,6 +38,78 @@ class InvalidField(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+#: Longest item id a client may give, in UTF-8 bytes (children ids add their suffix).
+MAX_ID_BYTES = 256
+#: Longest region (organ) name, in UTF-8 bytes.
+MAX_REGION_NAME_BYTES = 64
+#: Id segments the server gives the children it makes (``<parent>/region/<name>``,
+#: ``<parent>/chunk/<n>``); a client's id may not contain them, or it could overwrite
+#: another item's child, which that item's delete would later erase.
+RESERVED_ID_SEGMENTS = ("/region/", "/chunk/")
+
+
+def _printable_rule(value: str) -> str | None:
+    """Why ``value`` is not a printable string, or None."""
+    for i, ch in enumerate(value):
+        if not ch.isprintable():
+            return (f"must be printable: character {i} is U+{ord(ch):04X} (a NUL or control "
+                    f"character)")
+    return None
+
+
+def check_item_id(item_id: str, field: str) -> None:
+    """Refuse an item id a client may not use (``InvalidField`` naming the rule).
+
+    Rules: non-empty; at most ``MAX_ID_BYTES`` UTF-8 bytes; printable (no NUL or other
+    control characters, which SQLite's JSON functions truncate: such an item could be
+    found by a search but never fetched or erased); no leading or trailing whitespace; none
+    of the ``RESERVED_ID_SEGMENTS`` of the server's own children. The message quotes no id.
+    """
+    if not item_id:
+        raise InvalidField(field, "is required")
+    size = len(item_id.encode("utf-8", "surrogatepass"))
+    if size > MAX_ID_BYTES:
+        raise InvalidField(field, f"is {size} bytes of UTF-8, over the {MAX_ID_BYTES}-byte "
+                                  f"limit of an item id")
+    why = _printable_rule(item_id)
+    if why is not None:
+        raise InvalidField(field, why)
+    if item_id != item_id.strip():
+        raise InvalidField(field, "must not start or end with whitespace")
+    for segment in RESERVED_ID_SEGMENTS:
+        if segment in item_id:
+            raise InvalidField(field, f"must not contain {segment!r}: that namespace is "
+                                      f"reserved for the children the server makes")
+
+
+def check_region_name(name: str, field: str) -> None:
+    """Refuse a region name that would make a bad child id (``<parent>/region/<name>``):
+    empty, over ``MAX_REGION_NAME_BYTES`` UTF-8 bytes, not printable, or holding a '/'."""
+    if not name:
+        raise InvalidField(field, "must be non-empty")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_REGION_NAME_BYTES:
+        raise InvalidField(field, f"is {size} bytes of UTF-8, over the "
+                                  f"{MAX_REGION_NAME_BYTES}-byte limit of a region name")
+    why = _printable_rule(name)
+    if why is not None:
+        raise InvalidField(field, why)
+    if "/" in name:
+        raise InvalidField(field, "must not contain '/' (it becomes part of the child's id)")
+
+
+def _over(field: str, message: str) -> LimitExceededError:
+    return LimitExceededError(f"{field}: {message}")
+
+
+def _reader_error(exc: MedicalImageError, field: str) -> ValueError:
+    """A reader's error as this field's: a limit stays a limit (RESOURCE_EXHAUSTED)."""
+    message = str(exc).removeprefix(f"{field}: ")
+    if isinstance(exc, LimitExceededError):
+        return _over(field, message)
+    return InvalidField(field, message)
 
 
 @dataclass
@@ -70,14 +149,20 @@ class Decoded:
 
 def _sha_array(a: np.ndarray) -> str:
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    h.update(np.ascontiguousarray(a).tobytes())
+    h.update(memoryview(np.ascontiguousarray(a)).cast("B"))  # no copy of the pixels
     return h.hexdigest()
 
 
-def decode_text(text: str, field: str) -> Decoded:
+def decode_text(text: str, field: str, budget: RequestBudget | None = None) -> Decoded:
+    """Text as it is; refused over ``budget.max_text_bytes`` (UTF-8) before any encoding."""
+    budget = budget if budget is not None else RequestBudget()
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) > budget.max_text_bytes:
+        raise _over(field, f"{len(data)} bytes of UTF-8 text exceeds "
+                           f"RequestBudget.max_text_bytes={budget.max_text_bytes}")
     if not text.strip():
         raise InvalidField(field, "empty text")
-    return Decoded("text", text, hashlib.sha256(text.encode("utf-8")).hexdigest())
+    return Decoded("text", text, hashlib.sha256(data).hexdigest())
 
 
 def to_unit_range(pixels: np.ndarray) -> np.ndarray:
@@ -104,7 +189,7 @@ def decode_image(data: bytes, field: str, spec: PreprocessSpec, limits: ReadLimi
     try:
         img = read_image(data, limits=limits, deid=deid, name=field)
     except MedicalImageError as exc:
-        raise InvalidField(field, str(exc).removeprefix(f"{field}: ")) from None
+        raise _reader_error(exc, field) from None
     pixels = img.pixels
     if pixels.ndim != 2 or min(pixels.shape) < 2:
         raise InvalidField(field, f"image must be 2-D and at least 2x2, got shape {pixels.shape}")
@@ -117,27 +202,71 @@ def decode_image(data: bytes, field: str, spec: PreprocessSpec, limits: ReadLimi
                    study_pseudonym=img.meta.get("study_pseudonym"))
 
 
+def check_resample_budget(shape: tuple[int, ...], spacing, target_spacing, field: str,
+                          budget: RequestBudget) -> tuple[int, int, int]:
+    """The output shape of resampling ``shape`` from ``spacing`` to ``target_spacing``
+    (``medseek.volume.resampled_shape``), refused over ``budget.max_resampled_voxels``
+    before any voxel is computed: a tiny volume that declares an absurd spacing would
+    otherwise resample into gigabytes."""
+    from medseek.volume import resampled_shape
+
+    s = tuple(float(v) for v in spacing)
+    if len(s) != 3 or not all(math.isfinite(v) and v > 0 for v in s):
+        raise InvalidField(field, f"voxel spacing must be three finite values > 0 mm, "
+                                  f"got {spacing}")
+    t = tuple(float(v) for v in (target_spacing if isinstance(target_spacing, tuple)
+                                 else (target_spacing,) * 3))
+    if all(math.isfinite(n * a / b) for n, a, b in zip(shape, s, t)):  # else: over any budget
+        out_shape = resampled_shape(tuple(shape), s, t)
+        voxels = math.prod(out_shape)
+        if voxels <= budget.max_resampled_voxels:
+            return out_shape
+        size = f"{out_shape[0]}x{out_shape[1]}x{out_shape[2]} = {voxels} voxels"
+    else:
+        size = "an unbounded number of voxels"
+    raise _over(field, f"volume of {shape[0]}x{shape[1]}x{shape[2]} voxels at spacing {s} mm "
+                       f"resamples to {size} at {t} mm, exceeds "
+                       f"RequestBudget.max_resampled_voxels={budget.max_resampled_voxels}")
+
+
 def decode_volume(data: bytes, field: str, spec: PreprocessSpec, limits: ReadLimits,
-                  deid: DeidConfig | None) -> Decoded:
-    """NIfTI or zipped DICOM series -> resampled, windowed, cropped (D, H, W) float32."""
+                  deid: DeidConfig | None, budget: RequestBudget | None = None) -> Decoded:
+    """NIfTI or zipped DICOM series -> resampled, windowed, cropped (D, H, W) float32.
+
+    Costed before the work: the readers check the declared size against ``limits`` before
+    inflating or decoding, and the resampled size is checked against ``budget`` before
+    resampling. DICOM (anything that is not NIfTI) is refused without a de-identification
+    key, as for images.
+    """
     from medseek import volume as mv
 
+    budget = budget if budget is not None else RequestBudget()
     if not data:
         raise InvalidField(field, "empty volume bytes")
     try:
+        nifti = is_nifti(data, field)
+    except MedicalImageError as exc:
+        raise _reader_error(exc, field) from None
+    if deid is None and not nifti and (is_dicom(data) or is_zip(data)):
+        raise InvalidField(field, "DICOM upload refused (a DICOM file or a zipped series): the "
+                                  "server has no de-identification key (ServeConfig.deid)")
+    try:
         vol = read_volume(data, limits=limits, deid=deid, name=field)
     except MedicalImageError as exc:
-        raise InvalidField(field, str(exc).removeprefix(f"{field}: ")) from None
+        raise _reader_error(exc, field) from None
     arr = vol.array
     if arr.ndim != 3 or min(arr.shape) < 1:
         raise InvalidField(field, f"volume must be 3-D (D, H, W), got shape {arr.shape}")
+    check_resample_budget(arr.shape, vol.spacing, spec.target_spacing, field, budget)
     if arr.dtype == np.float32 and not np.isfinite(arr).all():
         raise InvalidField(field, "volume contains NaN or infinite values")
+    sha = _sha_array(arr)
     try:
         res = mv.resample(np.ascontiguousarray(arr), vol.spacing, spec.target_spacing)
         win = mv.window(res, *spec.window)
     except (ValueError, TypeError) as exc:
         raise InvalidField(field, str(exc)) from None
+    del res
     # H and W are zero-padded (bottom, right) to the patch multiples, as in training
     # (medseek.train.data): 0 is the bottom of the window
     my, mx = spec.volume_multiple
@@ -146,7 +275,7 @@ def decode_volume(data: bytes, field: str, spec: PreprocessSpec, limits: ReadLim
         win = np.pad(win, ((0, 0), (0, pad_h), (0, pad_w)))
     win = np.ascontiguousarray(win, dtype=np.float32)
     target_z = spec.target_spacing[0] if isinstance(spec.target_spacing, tuple) else spec.target_spacing
-    return Decoded("volume", win, _sha_array(arr), modality=vol.modality,
+    return Decoded("volume", win, sha, modality=vol.modality,
                    body_part=vol.body_part,
                    patient_pseudonym=vol.meta.get("patient_pseudonym"),
                    study_pseudonym=vol.meta.get("study_pseudonym"), source_depth=arr.shape[0],
@@ -193,12 +322,12 @@ def model_box(shape: tuple[int, int], box, field: str, spec: PreprocessSpec) -> 
 
 
 def decode_content(kind: str, value, field: str, spec: PreprocessSpec, limits: ReadLimits,
-                   deid: DeidConfig | None) -> Decoded:
+                   deid: DeidConfig | None, budget: RequestBudget | None = None) -> Decoded:
     if kind == "text":
-        return decode_text(value, field)
+        return decode_text(value, field, budget)
     if kind == "image":
         return decode_image(value, field, spec, limits, deid)
-    return decode_volume(value, field, spec, limits, deid)
+    return decode_volume(value, field, spec, limits, deid, budget)
 
 
 def build_record(item, collection: str, dec: Decoded, field: str) -> ItemRecord:
@@ -219,6 +348,7 @@ def build_record(item, collection: str, dec: Decoded, field: str) -> ItemRecord:
 def region_record(parent: ItemRecord, region, collection: str, field: str) -> ItemRecord:
     """The store record of a region crop of ``parent``: id ``<parent id>/region/<name>``,
     the parent's metadata and provenance, ``parent_id``, ``region`` and ``box``."""
+    check_region_name(region.name, f"{field}.name")
     box = (region.box.x0, region.box.y0, region.box.x1, region.box.y1)
     try:
         return ItemRecord(
@@ -288,8 +418,7 @@ def organ_record(parent: ItemRecord, region, collection: str, field: str,
                  source_depth: int) -> ItemRecord:
     """The store record of an organ of volume ``parent``: id ``<parent id>/region/<name>``,
     ``region`` = the name, ``z_range`` = the organ's slices (checked against the volume)."""
-    if not region.name:
-        raise InvalidField(f"{field}.name", "must be non-empty")
+    check_region_name(region.name, f"{field}.name")
     if region.HasField("box") or not region.HasField("z_range"):
         raise InvalidField(field, "a volume's region needs a z_range (organ slices) and no box")
     z0, z1 = int(region.z_range.z_start), int(region.z_range.z_end)

@@ -1,38 +1,13 @@
-"""Status codes of failures, and ``Item`` messages of store records."""
+"""``Item`` messages of store records (status codes of failures: ``serve.errors``)."""
 
 from __future__ import annotations
 
-import grpc
 import numpy as np
 
 from medseek.index import ItemRecord
 
-from .batcher import QueueFull
-from .ingest import InvalidField
+from .errors import FailedPrecondition, NotFound, status_of  # noqa: F401 - moved to errors
 from .v1 import retrieval_pb2 as pb
-
-
-class NotFound(LookupError):
-    """An id the store does not hold."""
-
-
-class FailedPrecondition(RuntimeError):
-    """The request is well formed but the stored data cannot answer it (e.g. a diagnosis
-    over a collection that holds no items, or no labels)."""
-
-
-def status_of(exc: BaseException, unavailable: tuple) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, InvalidField):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, NotFound):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, FailedPrecondition):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, QueueFull):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, unavailable):
-        return grpc.StatusCode.UNAVAILABLE, f"encoder backend unavailable ({type(exc).__name__})"
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"
 
 
 def item_message(record: ItemRecord, embedding: np.ndarray | None = None) -> pb.Item:

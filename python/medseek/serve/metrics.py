@@ -6,6 +6,8 @@
 - ``medseek_batch_size{batcher}``: requests per micro-batch.
 - ``medseek_queue_depth{queue}``: requests waiting in each bounded queue.
 - ``medseek_index_size{collection}``: vectors in each collection's ANN index.
+- ``medseek_stream_in_flight``: SearchStream requests read and not yet answered (each
+  stream holds at most ``ServeConfig.stream_window``).
 
 Served over HTTP on 127.0.0.1 only (``ServeConfig.metrics_port``).
 """
@@ -34,6 +36,8 @@ class ServerMetrics:
                            registry=self.registry)
         self.index_size = Gauge("medseek_index_size", "Vectors in the ANN index",
                                 ["collection"], registry=self.registry)
+        self.stream_in_flight = Gauge("medseek_stream_in_flight", "SearchStream requests "
+                                      "read and not yet answered", registry=self.registry)
         self._http = None
 
     def on_batch(self, name: str, size: int, seconds: float) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .messages import FailedPrecondition
+from .errors import FailedPrecondition
 
 REGION_HEAD, CROP = "region_head", "crop"
 

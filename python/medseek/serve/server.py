@@ -14,6 +14,7 @@ import asyncio
 import logging
 import signal
 import threading
+import traceback
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,11 +26,12 @@ from medseek.text.lexicon import FINDINGS
 
 from .auth import BearerTokenInterceptor
 from .config import ServeConfig
+from .errors import lenient
 from .ingest import DEFAULT_COLLECTION
 from .metrics import ServerMetrics
 from .report_ranker import resolve_report_ranker
 from .servicer import RetrievalService
-from .v1 import retrieval_pb2, retrieval_pb2_grpc
+from .v1 import retrieval_pb2
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name
@@ -60,6 +62,45 @@ def add_health(server: grpc.aio.Server, services: list[str]) -> health.aio.Healt
     return servicer
 
 
+def add_retrieval(server: grpc.aio.Server, servicer) -> None:
+    """Register ``servicer``'s methods, as the generated ``add_RetrievalServicer_to_server``
+    does, but with lenient request deserializers (``errors.lenient``): a message that does
+    not parse reaches the handler, which answers INVALID_ARGUMENT naming it, where gRPC
+    would end the call with UNKNOWN (and a stream's reader with an exception)."""
+    factories = {(False, False): grpc.unary_unary_rpc_method_handler,
+                 (False, True): grpc.unary_stream_rpc_method_handler,
+                 (True, False): grpc.stream_unary_rpc_method_handler,
+                 (True, True): grpc.stream_stream_rpc_method_handler}
+    service = retrieval_pb2.DESCRIPTOR.services_by_name["Retrieval"]
+    handlers = {}
+    for method in service.methods:
+        request = getattr(retrieval_pb2, method.input_type.name)
+        response = getattr(retrieval_pb2, method.output_type.name)
+        factory = factories[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = factory(getattr(servicer, method.name),
+                                        request_deserializer=lenient(request),
+                                        response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def quiet_loop_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Log what the event loop reports on its own (e.g. "Task exception was never
+    retrieved") with the exception's type and traceback frames only: asyncio's default
+    handler prints the exception's message and the task's repr, which may hold an item
+    id, a pseudonym or request text."""
+
+    def handler(loop, context) -> None:
+        exc = context.get("exception")
+        what = f" ({type(exc).__name__})" if exc is not None else ""
+        frames = "".join(traceback.format_tb(exc.__traceback__)).rstrip() if exc else ""
+        log.error("event loop: %s%s%s", context.get("message", "unhandled error"), what,
+                  f" at\n{frames}" if frames else "")
+
+    loop.set_exception_handler(handler)
+
+
 def add_reflection(server: grpc.aio.Server, services: list[str]) -> None:
     reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
 
@@ -73,6 +114,7 @@ class RetrievalServer:
         self.metrics_port: int | None = None
 
     async def start(self) -> None:
+        quiet_loop_errors(asyncio.get_running_loop())
         self.service.start()
         await self.grpc_server.start()
         if self.config.metrics_port is not None:
@@ -140,7 +182,7 @@ def create_server(config: ServeConfig, encoder, *,
         ("grpc.max_send_message_length", config.max_send_message_bytes),
         ("grpc.so_reuseport", 0),
     ])
-    retrieval_pb2_grpc.add_RetrievalServicer_to_server(service, server)
+    add_retrieval(server, service)
     health_servicer = add_health(server, [SERVICE_NAME])
     add_reflection(server, [SERVICE_NAME, health.SERVICE_NAME])
     if config.tls_cert is not None:

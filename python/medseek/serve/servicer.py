@@ -3,9 +3,10 @@
 Work leaves the event loop for three thread pools: decoding (pixels, de-identification),
 the encoder (one thread, fed by the encode micro-batcher) and the index (one thread: store
 writes, catalog syncs and searches, fed by the search micro-batcher). Every handler maps
-failures to a precise status (``messages.status_of``); an unexpected error is INTERNAL for that
-call and the server keeps serving. Logs carry RPC names, status codes and counts only:
-never ids, pseudonyms, text or pixels.
+failures to a precise status (``errors.classify``); an unexpected error is INTERNAL for that
+call (or that request of a stream, that item of an Ingest) and the server keeps serving.
+Logs carry RPC names, status codes, error ids and counts only: never ids, pseudonyms, text
+or pixels.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import copy
 import logging
 import math
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import NamedTuple
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from medseek.search import RegionQuery, SearchFilters
 from medseek.search.diagnose import diagnose, vote_weights
@@ -29,7 +31,9 @@ from medseek.search.rerank import organ_embedding
 from . import ingest as ing
 from . import regions as rp
 from .batcher import MicroBatcher
-from .messages import FailedPrecondition, NotFound, item_message, status_of
+from .errors import (FailedPrecondition, Failure, NotFound, OverBudget, Undecodable, classify,
+                     decoded, decoding, status_of)
+from .messages import item_message
 from .routed import input_geometry, volume_preprocessing
 from .v1 import retrieval_pb2 as pb
 from .v1 import retrieval_pb2_grpc as pb_grpc
@@ -127,15 +131,16 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:  # noqa: BLE001 - each mapped to a status; never fatal
-            code, message = status_of(exc, self.unavailable)
-            if code == grpc.StatusCode.INTERNAL:  # frames only: a message may hold data
-                log.error("%s failed with an unexpected %s at\n%s", method, type(exc).__name__,
-                          "".join(traceback.format_tb(exc.__traceback__)))
+            code, message = status_of(exc, self.unavailable, method)  # INTERNAL: logged
             await context.abort(code, message)
         finally:
-            self.metrics.rpc.labels(method, code.name).observe(time.perf_counter() - t0)
-            self.metrics.queue.labels("encode").set(self.encode_batcher.depth)
-            self.metrics.queue.labels("search").set(self.search_batcher.depth)
+            self._observe(method, code, t0)
+
+    def _observe(self, method: str, code: grpc.StatusCode, t0: float) -> None:
+        """Latency of one call (or one request of a stream) by status; queue depths."""
+        self.metrics.rpc.labels(method, code.name).observe(time.perf_counter() - t0)
+        self.metrics.queue.labels("encode").set(self.encode_batcher.depth)
+        self.metrics.queue.labels("search").set(self.search_batcher.depth)
 
     def _update_index_gauges(self) -> None:
         for name in self.store.collections():
@@ -146,18 +151,24 @@ class RetrievalService(pb_grpc.RetrievalServicer):
 
     # -- encoding -----------------------------------------------------------------------
     def _encode_batch(self, kind: str, payloads: list) -> list:
-        """``payloads``: [(field, content)] of one kind -> [(dim,) or exception]."""
+        """``payloads``: [(field, content)] of one kind -> [(dim,) or exception].
+
+        A ``ValueError`` of the encoder rejects that content (INVALID_ARGUMENT); anything
+        else it raises, a ``TypeError`` included, is a bug of the encoder (INTERNAL).
+        """
         try:
             return self._encode_rows(kind, payloads)
-        except (ValueError, TypeError):
+        except ValueError:
             if len(payloads) == 1:
                 raise ing.InvalidField(payloads[0][0], "rejected by the encoder") from None
         out = []  # one bad input must not fail its batch-mates: retry one by one
         for p in payloads:
             try:
                 out.append(self._encode_rows(kind, [p])[0])
-            except (ValueError, TypeError):
+            except ValueError:
                 out.append(ing.InvalidField(p[0], "rejected by the encoder"))
+            except Exception as exc:  # noqa: BLE001 - this input's failure, not its mates'
+                out.append(exc)
         return out
 
     def _encode_rows(self, kind: str, payloads: list) -> list:
@@ -213,34 +224,88 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     async def _decode(self, kind: str, value, field: str) -> ing.Decoded:
         t0 = time.perf_counter()
         c = self.config
-        dec = await self._in(self._decode_pool, ing.decode_content, kind, value, field,
-                             c.preprocess, c.limits, c.deid)
+        dec = await self._in(self._decode_pool, _decode_content, kind, value, field,
+                             c.preprocess, c.limits, c.deid, c.budget)
         self.metrics.stage.labels("decode").observe(time.perf_counter() - t0)
         return dec
 
     # -- Search -------------------------------------------------------------------------
     async def Search(self, request, context):
-        return await self._guarded("Search", context, lambda: self._search(request))
+        return await self._guarded("Search", context, lambda: self._search(decoded(request)))
 
     async def SearchStream(self, request_iterator, context):
-        limit = asyncio.Semaphore(max(1, self.config.search_batch.max_batch))
-        tasks: asyncio.Queue = asyncio.Queue()
+        """Answer each request of the stream as it is done (its ``request_id`` echoed).
 
-        async def one(req):
-            async with limit:
-                return await self._search(req)
+        At most ``config.stream_window`` requests are held (read and not yet answered): the
+        reader takes a slot before it reads the next message, and an answer gives its slot
+        back once gRPC has taken it, so a client that streams faster than it is answered
+        (or reads slower) is held back by gRPC's flow control, not buffered here. A request
+        that fails is answered with its ``error`` and the stream goes on. A message that
+        does not parse has no request_id to answer under: the stream ends with
+        INVALID_ARGUMENT naming its position, after the answers of the requests before it.
+        """
+        slots = asyncio.Semaphore(self.config.stream_window)
+        done: asyncio.Queue = asyncio.Queue()  # answers (one per held slot), then the end
+        tasks: set[asyncio.Task] = set()
+        held = 0  # read and not yet answered
 
-        async def read():
-            async for req in request_iterator:
-                await tasks.put(asyncio.ensure_future(one(req)))
-            await tasks.put(None)
+        async def answer(req) -> None:
+            t0, code = time.perf_counter(), grpc.StatusCode.OK
+            try:
+                resp = await self._search(req)
+            except Exception as exc:  # noqa: BLE001 - this request's error; the stream goes on
+                failure = classify(exc, self.unavailable, "SearchStream")
+                code = failure.code
+                resp = pb.SearchResponse(request_id=req.request_id, error=failure.proto())
+            self._observe("SearchStream", code, t0)
+            done.put_nowait(resp)
+
+        async def read() -> None:
+            nonlocal held
+            end, n, it = None, 0, aiter(request_iterator)
+            try:
+                while True:
+                    await slots.acquire()
+                    try:
+                        req = await anext(it)
+                    except StopAsyncIteration:
+                        break
+                    if isinstance(req, Undecodable):
+                        end = classify(req.error(f"requests[{n}]"))
+                        break
+                    held += 1
+                    self.metrics.stream_in_flight.inc()
+                    task = asyncio.ensure_future(answer(req))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    n += 1
+            except DecodeError:  # a stream read without the lenient deserializer
+                end = classify(ing.InvalidField(f"requests[{n}]", "does not parse as "
+                                                "medseek.v1.SearchRequest"))
+            except Exception as exc:  # noqa: BLE001 - the stream ends with its status, not a hang
+                end = classify(exc, self.unavailable, "SearchStream")
+            finally:
+                done.put_nowait(_StreamEnd(end))
 
         reader = asyncio.ensure_future(read())
         try:
-            while (task := await tasks.get()) is not None:
-                yield await self._guarded("SearchStream", context, lambda t=task: t)
+            end = None
+            while end is None or held:
+                item = await done.get()
+                if isinstance(item, _StreamEnd):
+                    end = item
+                    continue
+                yield item
+                held -= 1
+                self.metrics.stream_in_flight.dec()
+                slots.release()
+            if end.failure is not None:
+                await context.abort(end.failure.code, end.failure.message)
         finally:
             reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+            self.metrics.stream_in_flight.dec(held)
 
     async def _search(self, request) -> pb.SearchResponse:
         kind = request.WhichOneof("query")
@@ -427,29 +492,41 @@ class RetrievalService(pb_grpc.RetrievalServicer):
 
     async def _ingest(self, request_iterator) -> pb.IngestResponse:
         """Items are decoded and encoded concurrently (their encodes share micro-batches),
-        committed ``max_batch`` at a time, and acknowledged only after each commit."""
+        committed ``max_batch`` at a time, and acknowledged only after each commit.
+
+        Every item gets an ack, in stream order: committed, or failed with its own error
+        (bad content, a message that does not parse, an encoder or store failure); a
+        failed item fails nothing else, so nothing committed goes without its ack."""
         resp, pending, n = pb.IngestResponse(), [], 0
         try:
-            async for item in request_iterator:
-                if any(i == item.id for i, _ in pending):  # a repeat: commit the first one
-                    await self._flush(pending, resp)
-                pending.append((item.id, asyncio.ensure_future(self._prepare(item, n))))
-                n += 1
-                if len(pending) >= self._ingest_batch:
-                    await self._flush(pending, resp)
+            try:
+                async for item in request_iterator:
+                    if isinstance(item, Undecodable):
+                        pending.append((n, "", _failed(item.error(f"items[{n}]"))))
+                    else:
+                        if item.id and any(i == item.id for _, i, _ in pending):
+                            await self._flush(pending, resp)  # a repeat: commit the first one
+                        task = asyncio.ensure_future(self._prepare(item, n))
+                        pending.append((n, item.id, task))
+                    n += 1
+                    if len(pending) >= self._ingest_batch:
+                        await self._flush(pending, resp)
+            except DecodeError:  # a stream read without the lenient deserializer ends here
+                pending.append((n, "", _failed(ing.InvalidField(
+                    f"items[{n}]", "does not parse as medseek.v1.IngestItem; the items after "
+                                   "it were not read"))))
             await self._flush(pending, resp)
         finally:
-            for _, task in pending:  # a failure or cancellation: drop the rest
+            for _, _, task in pending:  # a cancellation: drop the rest
                 if task.done() and not task.cancelled():
-                    task.exception()  # retrieved: the first failure is what is reported
+                    task.exception()  # retrieved, so asyncio does not log it
                 task.cancel()
         return resp
 
     async def _prepare(self, item, i: int):
         """Decode and encode one item: (record, embedding, [(child record, embedding)])."""
         kind = item.WhichOneof("content")
-        if not item.id:
-            raise ing.InvalidField(f"items[{i}].id", "is required")
+        ing.check_item_id(item.id, f"items[{i}].id")  # printable, bounded, not reserved
         if kind is None:
             raise ing.InvalidField(f"items[{i}].content", "one of text, image, volume is required")
         field = f"items[{i}].{kind}"
@@ -515,53 +592,107 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         return record, enc.volume, children
 
     async def _flush(self, pending: list, resp: pb.IngestResponse) -> None:
+        """Commit the prepared items of ``pending`` [(index, id, task)]; ack every one."""
         if not pending:
             return
-        batch = list(await asyncio.gather(*(task for _, task in pending)))
+        entries = list(pending)
+        prepared = await asyncio.gather(*(task for _, _, task in entries),
+                                        return_exceptions=True)
         pending.clear()
-        t0 = time.perf_counter()
-        results = await self._in(self._index_pool, self._commit, batch)
-        self.metrics.stage.labels("store_commit").observe(time.perf_counter() - t0)
-        for r in results:  # after the commit: these are the acknowledgements
-            resp.acks.add(id=r.id, status=r.status, duplicate_of=r.duplicate_of or "")
-            resp.inserted += r.status == "inserted"
-            resp.updated += r.status == "updated"
-            resp.duplicates += r.status == "duplicate"
+        ready = [p for p in prepared if not isinstance(p, BaseException)]
+        outcomes = iter(())
+        if ready:
+            t0 = time.perf_counter()
+            outcomes = iter(await self._in(self._index_pool, self._commit, ready))
+            self.metrics.stage.labels("store_commit").observe(time.perf_counter() - t0)
+        for (index, item_id, _), p in zip(entries, prepared):  # after the commit: the acks
+            ack = resp.acks.add(index=index, id=_ack_id(item_id))
+            if isinstance(p, BaseException):  # refused before the store
+                result, parts_error = p, None
+            else:
+                result, parts_error = next(outcomes)
+                if isinstance(result, BaseException):
+                    result = _store_fault(result, f"items[{index}]")
+            if isinstance(result, BaseException):
+                ack.status = "failed"
+                ack.error.CopyFrom(classify(result, self.unavailable, "Ingest").proto())
+                resp.failed += 1
+                continue
+            ack.status, ack.duplicate_of = result.status, result.duplicate_of or ""
+            resp.inserted += result.status == "inserted"
+            resp.updated += result.status == "updated"
+            resp.duplicates += result.status == "duplicate"
+            if parts_error is not None:
+                ack.error.CopyFrom(classify(_store_fault(
+                    parts_error, f"items[{index}]", "the item was stored, its chunks and "
+                                                    "regions were not"),
+                    self.unavailable, "Ingest").proto())
 
     def _commit(self, batch: list) -> list:
-        records = [b[0] for b in batch]
-        try:
-            results = self._upsert_by_dim(records, [b[1] for b in batch])
-            written = {r.id for r in results if r.status != "duplicate"}
-            kids = [c for rec, _, cs in batch if rec.id in written for c in cs]
-            if self._stored_pathway is None and any(c.box is not None for c, _ in kids):
-                # before the children: a crash in between leaves a mark and no children
-                self.store.set_meta(self._pathway_key, self.region_pathway)
-                self._stored_pathway = self.region_pathway
-            if kids:
-                self.store.upsert([c for c, _ in kids], np.stack([e for _, e in kids]))
-            self._drop_stale_children([r.id for r in results if r.status == "updated"],
-                                      {c.id for c, _ in kids})
-        except (ValueError, TypeError) as exc:
-            raise ing.InvalidField("items", str(exc)) from None
-        self.catalog.sync()
-        self._update_index_gauges()
-        return results
+        """On the index thread: store prepared items [(record, embedding, children)].
+
+        Returns, per item, ``(UpsertResult or exception, exception or None)``: the item's
+        result (or why nothing of it was stored), and why its children were not stored.
+        The items commit together; when that fails, one by one, so that only the bad one
+        fails. The children of the written items commit after them."""
+        results = self._upsert_by_dim([b[0] for b in batch], [b[1] for b in batch])
+        written = {r.id for r in results if not isinstance(r, BaseException)
+                   and r.status != "duplicate"}
+        families = [(rec.id, cs) for rec, _, cs in batch if rec.id in written and cs]
+        parts_errors: dict[str, BaseException] = {}
+        if families:
+            try:
+                self._store_children([c for _, cs in families for c in cs])
+            except Exception:  # noqa: BLE001 - found out family by family
+                for parent, kids in families:
+                    try:
+                        self._store_children(kids)
+                    except Exception as exc:  # noqa: BLE001 - this item's, acked with it
+                        parts_errors[parent] = exc
+        kept = {c.id for parent, cs in families if parent not in parts_errors for c, _ in cs}
+        try:  # the items are committed: whatever fails now must not cost their acks
+            self._drop_stale_children([r.id for r in results if not isinstance(r, BaseException)
+                                       and r.status == "updated"], kept)
+            self.catalog.sync()
+            self._update_index_gauges()
+        except Exception as exc:  # noqa: BLE001 - INTERNAL, logged; the next sync catches up
+            classify(exc, self.unavailable, "Ingest")
+        return [(r, None if isinstance(r, BaseException) else parts_errors.get(r.id))
+                for r in results]
+
+    def _store_children(self, kids: list) -> None:
+        """Upsert [(child record, embedding)] (one transaction), recording the store's region
+        pathway first when they include image regions."""
+        if self._stored_pathway is None and any(c.box is not None for c, _ in kids):
+            # before the children: a crash in between leaves a mark and no children
+            self.store.set_meta(self._pathway_key, self.region_pathway)
+            self._stored_pathway = self.region_pathway
+        self.store.upsert([c for c, _ in kids], np.stack([e for _, e in kids]))
 
     def _upsert_by_dim(self, records: list, embs: list) -> list:
         """``store.upsert`` of items whose embeddings may differ in dim (hybrid reports
-        beside images): one upsert per dim, results in the order of ``records``. Each
-        upsert commits on its own; all are acknowledged after the last."""
-        dims = sorted({int(e.shape[0]) for e in embs})
-        if len(dims) == 1:
-            return self.store.upsert(records, np.stack(embs))
+        beside images): one upsert per dim, results (an ``UpsertResult``, or the exception
+        that refused the item) in the order of ``records``. Each upsert commits on its own
+        (all or nothing); a refused one is retried item by item. All are acknowledged
+        after the last."""
         results: list = [None] * len(records)
-        for dim in dims:
+        for dim in sorted({int(e.shape[0]) for e in embs}):
             rows = [i for i, e in enumerate(embs) if e.shape[0] == dim]
-            for i, r in zip(rows, self.store.upsert([records[i] for i in rows],
-                                                    np.stack([embs[i] for i in rows]))):
+            try:
+                got = self.store.upsert([records[i] for i in rows],
+                                        np.stack([embs[i] for i in rows]))
+            except Exception as exc:  # noqa: BLE001 - whose fault it is, is found one by one
+                got = [exc] if len(rows) == 1 else [self._upsert_one(records[i], embs[i])
+                                                    for i in rows]
+            for i, r in zip(rows, got):
                 results[i] = r
         return results
+
+    def _upsert_one(self, record, emb: np.ndarray):
+        try:
+            return self.store.upsert([record], emb[None])[0]
+        except Exception as exc:  # noqa: BLE001 - this item's failure, acked with it
+            return exc
 
     def _drop_stale_children(self, parents: list[str], kept: set[str]) -> None:
         """An updated item keeps only the chunks and regions of its new version."""
@@ -576,7 +707,15 @@ class RetrievalService(pb_grpc.RetrievalServicer):
 
     async def Delete(self, request, context):
         return await self._guarded("Delete", context, lambda: self._in(
-            self._index_pool, self._delete, list(request.ids)))
+            self._index_pool, self._delete, self._request_ids(decoded(request).ids)))
+
+    def _request_ids(self, ids) -> list[str]:
+        """The ids of a Get or Delete, costed before the index thread sees them: at most
+        ``budget.max_ids`` as sent, then each once, in first-seen order."""
+        limit = self.config.budget.max_ids
+        if len(ids) > limit:
+            raise OverBudget(f"ids: {len(ids)} ids exceeds RequestBudget.max_ids={limit}")
+        return list(dict.fromkeys(ids))
 
     def _delete(self, ids: list[str]) -> pb.DeleteResponse:
         if not ids:
@@ -592,7 +731,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     # -- reads --------------------------------------------------------------------------
     async def Get(self, request, context):
         return await self._guarded("Get", context, lambda: self._in(
-            self._index_pool, self._get, list(request.ids), request.with_embedding))
+            self._index_pool, self._get, self._request_ids(decoded(request).ids),
+            request.with_embedding))
 
     def _get(self, ids: list[str], with_embedding: bool) -> pb.GetResponse:
         if not ids:
@@ -605,7 +745,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
 
     # -- diagnosis ----------------------------------------------------------------------
     async def Diagnose(self, request, context):
-        return await self._guarded("Diagnose", context, lambda: self._diagnose(request))
+        return await self._guarded("Diagnose", context,
+                                   lambda: self._diagnose(decoded(request)))
 
     async def _diagnose(self, request) -> pb.DiagnoseResponse:
         """The plain (or region-reranked) top k of the Search path vote their labels
@@ -659,10 +800,10 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         return got.record.collection
 
     async def Stats(self, request, context):
-        return await self._guarded("Stats", context, lambda: self._in(self._index_pool,
-                                                                      self._stats))
+        return await self._guarded("Stats", context, lambda: self._in(
+            self._index_pool, self._stats, decoded(request)))
 
-    def _stats(self) -> pb.StatsResponse:
+    def _stats(self, request=None) -> pb.StatsResponse:
         s = self.store.stats()
         resp = pb.StatsResponse(last_seq=s["last_seq"], model=s["model"],
                                 encode_queue_depth=self.encode_batcher.depth,
@@ -675,3 +816,42 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             resp.collections.add(name=name, items=s["items"].get(name, 0), indexed=indexed,
                                  dim=dim, applied_seq=applied)
         return resp
+
+
+def _failed(exc: BaseException) -> asyncio.Future:
+    """A finished future that failed with ``exc`` (an item that failed before any work)."""
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_exception(exc)
+    return fut
+
+
+def _ack_id(item_id: str) -> str:
+    """The id an ack echoes: the client's own, unless it is no valid id (its index says
+    which item it was)."""
+    try:
+        ing.check_item_id(item_id, "id")
+    except ing.InvalidField:
+        return ""
+    return item_id
+
+
+def _store_fault(exc: BaseException, field: str, what: str = "the store refused it"
+                 ) -> BaseException:
+    """A store's ``ValueError`` on a record names what was wrong with the item (a client
+    fault); anything else, a ``TypeError`` included, stays what it is (INTERNAL)."""
+    if isinstance(exc, ValueError) and not isinstance(exc, ing.InvalidField):
+        return ing.InvalidField(field, f"{what}: {exc}")
+    return exc
+
+
+class _StreamEnd(NamedTuple):
+    """The reader of a SearchStream is done: the client closed it (``failure`` None), or
+    it ended on a failure (an undecodable message)."""
+
+    failure: Failure | None
+
+
+def _decode_content(kind: str, value, field: str, *args) -> ing.Decoded:
+    """``ing.decode_content``; corrupt compressed content is ``field``'s fault."""
+    with decoding(field):
+        return ing.decode_content(kind, value, field, *args)

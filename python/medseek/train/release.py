@@ -25,7 +25,7 @@ RELEASES = {
     "wrist": {"recipe": "retrieval-wrist",
               "corpus": {"kind": "synth-wrist", "n": 800, "size": 128, "seed": 1}},
     "chest-ct": {"recipe": "retrieval-ct",
-                 "corpus": {"kind": "synth-ct", "n": 400, "matrix": [96, 128], "slices": [40, 200],
+                 "corpus": {"kind": "synth-ct", "n": 1000, "matrix": [96, 128], "slices": [40, 200],
                             "seed": 1}},
 }
 #: metrics a reproduction must land near, and how near (absolute); a release is compared

@@ -83,13 +83,18 @@ class RetrievalServicer:
 
     def SearchStream(self, request_iterator, context):
         """Many queries over one stream; responses carry the request's request_id (order may differ).
+        A request that fails gets a response with `error` set and the stream goes on; a message
+        that does not parse as a SearchRequest ends the stream with INVALID_ARGUMENT (after the
+        answers of the requests before it). The server reads at most ServeConfig.stream_window
+        requests ahead of its answers.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Ingest(self, request_iterator, context):
-        """Items streamed in; one summary after every item is committed to the store.
+        """Items streamed in; one summary after every item is committed to the store. Each item
+        gets an ack: committed, or failed with its own error (the other items are unaffected).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
