@@ -214,13 +214,13 @@ def test_volume_organ_rerank_uses_chunks(tmp_path):
     store.upsert([ItemRecord(f"vol-{j}", "volume", modality="CT") for j in range(6)], g)
     chunks, cemb = [], []
     for j in range(6):
-        for c, z in enumerate(((0, 9), (10, 19), (20, 29))):
+        for c, z in enumerate(((0, 10), (10, 20), (20, 30))):  # half-open
             chunks.append(ItemRecord(f"vol-{j}/c{c}", "chunk", parent_id=f"vol-{j}", z_range=z))
             cemb.append(basis[(j + c) % 3])  # chunk c of volume j points along axis (j+c)%3
     store.upsert(chunks, np.array(cemb))
     # liver z-ranges: vol-1's chunk 1 -> axis 2 (the query organ axis); its own region
     # embedding points away, so only the chunk path can rank it first. vol-5: no liver.
-    livers = [(0, 9), (10, 19), (0, 9), (20, 29), (0, 29)]
+    livers = [(0, 10), (10, 20), (0, 10), (20, 30), (0, 30)]
     store.upsert([ItemRecord(f"vol-{j}/liver", "region", parent_id=f"vol-{j}", region="liver",
                              z_range=z) for j, z in enumerate(livers)],
                  np.tile(basis[5], (5, 1)))
@@ -369,3 +369,30 @@ def test_finish_drops_rows_moved_to_another_collection_after_the_ann(env):
     # the other candidates fill in: K' = 200 were fetched for k = 5
     assert ids(res) == ["img-000", "img-002", "img-003", "img-004", "img-005"]
     assert res.stale == 1 and res.candidates == N - 1
+
+
+def test_the_mmr_weight_is_a_per_call_option_and_caches_nothing(env):
+    import gc
+
+    from medseek.search.query import QueryOptions
+
+    pipe, _, _, data = env
+
+    def run(lam):
+        return pipe.search("image", data["query"], options=QueryOptions(k=10, mmr_lambda=lam))
+
+    # the option does change the result (relevance only vs. mostly diversity)
+    assert ids(run(1.0)) != ids(run(0.05))
+    assert ids(run(pipe.config.lam)) == ids(pipe.search("image", data["query"], k=10))
+    run(0.5)
+    pipelines = sum(type(o) is SearchPipeline for o in gc.get_objects())
+    dup_cache = dict(pipe._dup_cache)
+    state = {name: len(v) for name, v in vars(pipe).items() if isinstance(v, (dict, list))}
+    for lam in np.linspace(0.0, 1.0, 60):
+        assert len(run(float(lam)).hits) == 10
+    assert sum(type(o) is SearchPipeline for o in gc.get_objects()) == pipelines
+    assert pipe._dup_cache == dup_cache and len(dup_cache) == 1
+    assert {name: len(v) for name, v in vars(pipe).items()
+            if isinstance(v, (dict, list))} == state
+    with pytest.raises(TypeError, match="give options or k, not both"):
+        pipe.search("image", data["query"], k=3, options=QueryOptions(k=3))

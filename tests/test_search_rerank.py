@@ -82,14 +82,19 @@ def test_errors_name_the_argument():
 
 def test_organ_embedding_weights_chunks_by_slice_overlap():
     chunks = np.eye(3, dtype=np.float32)
-    z = np.array([[0, 3], [4, 7], [8, 11]])
-    # organ slices 2..9: 2 slices of chunk 0, 4 of chunk 1, 2 of chunk 2
+    z = np.array([[0, 4], [4, 8], [8, 12]])  # half-open: slices 0-3, 4-7, 8-11
+    # organ slices [2, 10): 2 slices of chunk 0, 4 of chunk 1, 2 of chunk 2
     expect = np.array([2.0, 4.0, 2.0]) / np.sqrt(24.0)
-    np.testing.assert_allclose(organ_embedding(chunks, z, (2, 9)), expect, rtol=0, atol=1e-7)
-    assert organ_embedding(chunks, z, (2, 9)).dtype == np.float32
-    np.testing.assert_array_equal(organ_embedding(chunks, z, (5, 6)), [0, 1, 0])
+    np.testing.assert_allclose(organ_embedding(chunks, z, (2, 10)), expect, rtol=0, atol=1e-7)
+    assert organ_embedding(chunks, z, (2, 10)).dtype == np.float32
+    np.testing.assert_array_equal(organ_embedding(chunks, z, (5, 7)), [0, 1, 0])
+    # z1 is exclusive: [4, 8) touches chunk 1 only, [3, 4) chunk 0 only
+    np.testing.assert_array_equal(organ_embedding(chunks, z, (4, 8)), [0, 1, 0])
+    np.testing.assert_array_equal(organ_embedding(chunks, z, (3, 4)), [1, 0, 0])
     assert organ_embedding(chunks, z, (12, 20)) is None
     with pytest.raises(ValueError, match="organ_z must be"):
         organ_embedding(chunks, z, (9, 2))
+    with pytest.raises(ValueError, match="organ_z must be"):
+        organ_embedding(chunks, z, (5, 5))  # empty
     with pytest.raises(ValueError, match="chunk_z must be an int array of shape"):
-        organ_embedding(chunks, z[:2], (2, 9))
+        organ_embedding(chunks, z[:2], (2, 10))

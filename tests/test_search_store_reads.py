@@ -10,7 +10,7 @@ import pytest
 
 from medseek.index.records import ItemRecord, StoreConfig
 from medseek.index.store import Store
-from medseek.search.store_reads import StoreReader
+from medseek.index.reader import StoreReader
 
 
 @pytest.fixture

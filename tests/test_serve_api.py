@@ -128,7 +128,7 @@ def test_ingest_acknowledges_every_item_and_is_idempotent(client, ingested):
     assert stats["region"].items == 3 and stats["region"].indexed == 3
     assert stats["chunk"].items == 2  # each 24-slice volume is one chunk at 4 mm
     chunk = client.get(["vol-1/chunk/0"]).items[0]
-    assert (chunk.parent_id, chunk.z_range.z_start, chunk.z_range.z_end) == ("vol-1", 0, 23)
+    assert (chunk.parent_id, chunk.z_range.z_start, chunk.z_range.z_end) == ("vol-1", 0, 24)
     assert all(c.indexed == c.items for c in stats.values())
 
 
@@ -225,6 +225,47 @@ def test_search_stream_answers_every_request(client, ingested):
                                     "apical pneumothorax"))]
     out = {r.request_id: r.hits[0].id for r in client.search_stream(reqs, timeout=30)}
     assert out == {"s0": "r-effusion", "s1": "r-cardio", "s2": "r-pneumo"}
+
+
+@pytest.mark.parametrize("request_fields, words", [
+    (dict(text="effusion", mmr_lambda=1.5), "mmr_lambda: must be in [0, 1], got 1.5"),
+    (dict(text="effusion", k=1001), "k: must be in [1, 1000], got 1001"),
+    (dict(k=3), "query: one of text, image, volume or item_id is required"),
+    (dict(text="effusion", region=pb.Region(box=pb.Box(x1=4, y1=4))),
+     "region.name: must be non-empty"),
+])
+def test_bad_typed_query_fields_are_named(client, ingested, request_fields, words):
+    with pytest.raises(grpc.RpcError) as err:
+        client.search(pb.SearchRequest(**request_fields))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(words), err.value.details()
+
+
+def test_many_mmr_weights_grow_no_cache(server, client, ingested):
+    import gc
+
+    from medseek.search import SearchPipeline
+
+    service = server.server.service
+
+    def sizes():
+        """Lengths of every dict/list/set the servicer and its services hold."""
+        parts = (service, service.queries, service.ingests, service.encoding, service.pipeline)
+        return {(type(p).__name__, name): len(v) for p in parts for name, v in vars(p).items()
+                if isinstance(v, (dict, list, set))}
+
+    def search(lam):
+        return client.search(pb.SearchRequest(text="pleural effusion", collection="report",
+                                              k=3, diversify=True, mmr_lambda=lam))
+
+    search(0.5)
+    before = sizes()
+    pipelines = sum(type(o) is SearchPipeline for o in gc.get_objects())
+    for lam in np.linspace(0.0, 1.0, 41):
+        assert len(search(float(lam)).hits) == 3
+    assert sum(type(o) is SearchPipeline for o in gc.get_objects()) == pipelines
+    assert sizes() == before
+    assert not hasattr(service, "_pipelines")
 
 
 def test_delete_then_never_returned_and_get_not_found(client, ingested):

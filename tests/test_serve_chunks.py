@@ -36,6 +36,7 @@ def block(seed: int) -> np.ndarray:
 
 
 def liver(z0: int, z1: int) -> pb.Region:
+    """The organ at slices [z0, z1) (z1 exclusive)."""
     return pb.Region(name="liver", z_range=pb.ZRange(z_start=z0, z_end=z1))
 
 
@@ -64,22 +65,22 @@ def _stats(client) -> dict:
 
 
 def test_volume_ingest_stores_chunks_and_organ_with_z_ranges(client, encoder):
-    blocks = [block(1), block(2), block(3)]  # 48 slices: chunks 0-15, 16-31, 32-47
+    blocks = [block(1), block(2), block(3)]  # 48 slices: chunks [0, 16), [16, 32), [32, 48)
     ack = client.ingest([pb.IngestItem(id="ct-a", volume=nifti(blocks), labels=["lesion"],
-                                       patient_pseudonym="PA", regions=[liver(10, 20)])])
+                                       patient_pseudonym="PA", regions=[liver(10, 21)])])
     assert ack.inserted == 1
     chunk_ids = [f"ct-a/chunk/{n}" for n in range(3)]
     got = {i.id: i for i in client.get(["ct-a", *chunk_ids, "ct-a/region/liver"],
                                        with_embedding=True).items}
     assert not got["ct-a"].HasField("z_range")
     assert [(got[c].z_range.z_start, got[c].z_range.z_end) for c in chunk_ids] == \
-        [(0, 15), (16, 31), (32, 47)]
+        [(0, 16), (16, 32), (32, 48)]
     for c in chunk_ids:
         assert (got[c].collection, got[c].parent_id) == ("chunk", "ct-a")
         assert list(got[c].labels) == ["lesion"] and got[c].patient_pseudonym == "PA"
     organ = got["ct-a/region/liver"]
     assert (organ.collection, organ.parent_id, organ.region) == ("region", "ct-a", "liver")
-    assert (organ.z_range.z_start, organ.z_range.z_end) == (10, 20)
+    assert (organ.z_range.z_start, organ.z_range.z_end) == (10, 21)
 
     # the stored vectors are the encoder's, for the volume the server decoded
     dec = ing.decode_volume(nifti(blocks), "v", PreprocessSpec(volume_multiple=(8, 8)),
@@ -104,7 +105,7 @@ def test_organ_search_reranks_volumes_by_the_organ_chunks(client):
     a = [q[0], air, q[2]]
     b = [air, q[1], air]
     items = [pb.IngestItem(id=f"org-{n}", volume=nifti(v), body_part="abdomen",
-                           regions=[liver(16, 31)]) for n, v in (("Q", q), ("A", a), ("B", b))]
+                           regions=[liver(16, 32)]) for n, v in (("Q", q), ("A", a), ("B", b))]
     items.append(pb.IngestItem(id="org-C", volume=nifti([q[0], block(16), q[2]]),
                                body_part="abdomen"))  # no liver given
     assert client.ingest(items).inserted == 4
@@ -137,14 +138,14 @@ def test_volume_query_with_an_organ_reranks_like_the_stored_item(client):
     vols = {"Q": q, "A": [q[0], air, q[2]], "B": [air, q[1], air],
             "C": [q[0], block(43), q[2]]}
     items = [pb.IngestItem(id=f"vq-{n}", volume=nifti(v), body_part="pelvis",
-                           labels=[f"l{n}"], regions=[] if n == "C" else [liver(16, 31)])
+                           labels=[f"l{n}"], regions=[] if n == "C" else [liver(16, 32)])
              for n, v in vols.items()]
     assert client.ingest(items).inserted == 4
     pelvis = pb.Filters(body_part=["pelvis"])
     by_id = client.search(pb.SearchRequest(item_id="vq-Q", k=3, filters=pelvis,
                                            region=pb.Region(name="liver"))).hits
     by_bytes = client.search(pb.SearchRequest(volume=nifti(q), k=4, filters=pelvis,
-                                              region=liver(16, 31))).hits
+                                              region=liver(16, 32))).hits
     assert by_bytes[0].id == "vq-Q" and by_bytes[0].region_score == pytest.approx(1, abs=1e-4)
     rest = by_bytes[1:]
     assert [h.id for h in rest] == [h.id for h in by_id]
@@ -160,18 +161,19 @@ def test_volume_query_with_an_organ_reranks_like_the_stored_item(client):
         ["vq-Q/chunk/0", "vq-Q/region/liver"], with_embedding=True).items}
     want = float(got["vq-Q/chunk/0"] @ got["vq-Q/region/liver"])
     hits = client.search(pb.SearchRequest(volume=nifti(q), k=4, filters=pelvis,
-                                          region=liver(0, 15))).hits
+                                          region=liver(0, 16))).hits
     own = next(h for h in hits if h.id == "vq-Q")
     assert own.region_score == pytest.approx(want, abs=1e-4) and want < 0.9999
     # Diagnose runs the same search path: the organ-reranked neighbours vote
     diag = client.diagnose(pb.DiagnoseRequest(volume=nifti(q), k=4, filters=pelvis,
-                                              region=liver(16, 31)))
+                                              region=liver(16, 32)))
     assert [h.id for h in diag.neighbours] == [h.id for h in by_bytes]
 
 
 @pytest.mark.parametrize("region, words", [
-    (liver(40, 50), "region.z_range: z_end 50 is past the volume's last slice 47"),
-    (liver(9, 3), "region.z_range: z_start 9 is after z_end 3"),
+    (liver(40, 49), "region.z_range: z_end 49 is past the volume's end: it has 48 slices"),
+    (liver(9, 3), "region.z_range: z_start 9 must be before z_end 3"),
+    (liver(5, 5), "region.z_range: z_start 5 must be before z_end 5"),  # empty
     (pb.Region(name="liver"), "region.z_range: a volume query's region needs a z_range"),
     (pb.Region(name="liver", box=pb.Box(x0=0, y0=0, x1=4, y1=4)), "region.box: a volume"),
     (pb.Region(z_range=pb.ZRange(z_start=0, z_end=3)), "region.name: must be non-empty"),
@@ -186,8 +188,9 @@ def test_bad_query_organs_name_the_field_and_the_server_keeps_serving(client, re
 
 
 @pytest.mark.parametrize("region, words", [
-    (liver(40, 50), "z_end 50 is past the volume's last slice 47"),
-    (liver(9, 3), "z_start 9 is after z_end 3"),
+    (liver(40, 49), "z_end 49 is past the volume's end: it has 48 slices"),
+    (liver(9, 3), "z_start 9 must be before z_end 3"),
+    (liver(5, 5), "z_start 5 must be before z_end 5"),  # empty
     (pb.Region(name="liver", box=pb.Box(x0=0, y0=0, x1=4, y1=4)), "needs a z_range"),
     (pb.Region(z_range=pb.ZRange(z_start=0, z_end=3)), "name: must be non-empty"),
 ])
@@ -203,13 +206,13 @@ def test_bad_organs_name_the_field_and_store_nothing(client, region, words):
 
 def test_repeated_region_names_are_refused(client):
     code, msg = _code(lambda: client.ingest([pb.IngestItem(
-        id="twice", volume=nifti([block(1)]), regions=[liver(0, 3), liver(4, 8)])]))
+        id="twice", volume=nifti([block(1)]), regions=[liver(0, 4), liver(4, 9)])]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "regions[1].name: repeats" in msg
 
 
 def test_reingest_replaces_chunks_and_delete_removes_them(client):
     three = nifti([block(20), block(21), block(22)])
-    client.ingest([pb.IngestItem(id="ct-re", volume=three, regions=[liver(0, 40)])])
+    client.ingest([pb.IngestItem(id="ct-re", volume=three, regions=[liver(0, 41)])])
     before = _stats(client)["chunk"].items
     # the new version has two chunks and no organ: the old third chunk and organ go
     client.ingest([pb.IngestItem(id="ct-re", volume=nifti([block(23), block(24)]))])
@@ -229,22 +232,23 @@ def test_reingest_replaces_chunks_and_delete_removes_them(client):
 
 def test_chunk_z_ranges_map_back_to_the_uploaded_slices():
     # 1 mm slices resampled to 4 mm: uploaded slice k sits nearest resampled slice k / 4
-    z = ing.source_z_ranges(np.array([[0, 3], [4, 7], [8, 9]]), 4.0, 40, 10)
-    assert z.tolist() == [[0, 13], [14, 29], [30, 39]]  # a tiling of all 40 slices
+    # (half-open ranges [z0, z1) in and out)
+    z = ing.source_z_ranges(np.array([[0, 4], [4, 8], [8, 10]]), 4.0, 40, 10)
+    assert z.tolist() == [[0, 14], [14, 30], [30, 40]]  # a tiling of all 40 slices
     # 10 mm slices resampled to 1 mm: a chunk between two uploaded slices gets both
-    z = ing.source_z_ranges(np.array([[0, 3], [4, 7], [8, 29]]), 0.1, 3, 30)
-    assert z.tolist() == [[0, 0], [0, 1], [1, 2]]
+    z = ing.source_z_ranges(np.array([[0, 4], [4, 8], [8, 30]]), 0.1, 3, 30)
+    assert z.tolist() == [[0, 1], [0, 2], [1, 3]]
 
 
 def test_anisotropic_volume_chunks_count_uploaded_slices(client):
     # 2 mm slices: 64 uploaded slices are 32 at 4 mm (resampled i samples slice 2i), two
     # chunks of 16
     vol = nifti([block(30), block(31), block(32), block(33)], spacing_z=2.0)
-    client.ingest([pb.IngestItem(id="ct-2mm", volume=vol, regions=[liver(32, 63)])])
+    client.ingest([pb.IngestItem(id="ct-2mm", volume=vol, regions=[liver(32, 64)])])
     got = {i.id: i for i in client.get(["ct-2mm/chunk/0", "ct-2mm/chunk/1",
                                         "ct-2mm/region/liver"], with_embedding=True).items}
     assert [(got[f"ct-2mm/chunk/{n}"].z_range.z_start, got[f"ct-2mm/chunk/{n}"].z_range.z_end)
-            for n in range(2)] == [(0, 30), (31, 63)]  # slice 31 lies halfway: the later
+            for n in range(2)] == [(0, 31), (31, 64)]  # slice 31 lies halfway: the later
     np.testing.assert_allclose(got["ct-2mm/region/liver"].embedding,
                                got["ct-2mm/chunk/1"].embedding, atol=1e-5)
     client.delete(["ct-2mm"])
@@ -271,8 +275,8 @@ def test_onnx_runtime_encode_volume_chunks_matches_torch(tmp_path):
             want = model.encode_volume_array(vol)
         cos = (o.chunks * want.chunks.numpy()).sum(1)
         assert o.chunks.shape == (len(want.valid), 32) and cos.min() >= 0.9999
-        assert o.z_range.tolist() == [[z, z + v - 1] for z, v in zip(want.z_start, want.valid)]
-    assert out[0].z_range.tolist() == [[0, 15], [16, 19]]  # a padded last chunk ends at 19
+        assert o.z_range.tolist() == [[z, z + v] for z, v in zip(want.z_start, want.valid)]
+    assert out[0].z_range.tolist() == [[0, 16], [16, 20]]  # a padded last chunk ends at 20
 
 
 def test_manifest_regions_carry_organs_and_boxes(tmp_path):

@@ -47,13 +47,32 @@ def corpus():
 def test_wal_full_sync_and_schema_version(store, tmp_path):
     assert store.pragma("journal_mode") == "wal"
     assert store.pragma("synchronous") == 2  # FULL
-    assert store.pragma("user_version") == SCHEMA_VERSION == 1
+    assert store.pragma("user_version") == SCHEMA_VERSION == 2
     con = sqlite3.connect(tmp_path / "medseek.db")  # WAL is a property of the file
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     con.close()
-    with pytest.raises(RuntimeError, match="schema version 2 is newer"):
+    with pytest.raises(RuntimeError, match="schema version 3 is newer"):
         Store(StoreConfig(tmp_path / "medseek.db"))
+
+
+def test_version_1_inclusive_z_ranges_migrate_to_half_open(tmp_path):
+    from medseek.index.schema import MIGRATIONS
+
+    path = tmp_path / "v1.db"
+    con = sqlite3.connect(path, isolation_level=None)
+    MIGRATIONS[0](con)  # a version-1 store: z_end was the last slice
+    con.execute("PRAGMA user_version = 1")
+    for key, (item, z) in enumerate([("v", None), ("v/c0", (0, 15)), ("v/liver", (3, 9))], 1):
+        con.execute("INSERT INTO items (item_id, collection, parent_id, z_start, z_end, "
+                    "created_at, updated_at, seq) VALUES (?, 'chunk', NULL, ?, ?, 0, 0, ?)",
+                    (item, *(z or (None, None)), key))
+    con.close()
+    with Store(StoreConfig(path)) as s:
+        assert s.pragma("user_version") == SCHEMA_VERSION
+        got = s.get(["v", "v/c0", "v/liver"])
+        assert [got[i].record.z_range for i in ("v", "v/c0", "v/liver")] == \
+            [None, (0, 16), (3, 10)]
 
 
 def test_upsert_round_trip_and_idempotent_update(store):
@@ -247,7 +266,8 @@ def test_item_record_validation_and_no_pseudonyms_in_repr():
         (dict(id=""), ValueError, "id must be a non-empty str"),
         (dict(labels="effusion"), TypeError, "labels must be a list or tuple of str"),
         (dict(modality=3), TypeError, "modality must be a str or None, got int"),
-        (dict(z_range=(5, 2)), ValueError, r"z_range must be \(z0, z1\) ints .* got \(5, 2\)"),
+        (dict(z_range=(5, 2)), ValueError, r"z_range must be half-open \(z0, z1\) ints .* got \(5, 2\)"),
+        (dict(z_range=(5, 5)), ValueError, r"z_range must be half-open \(z0, z1\) ints .* got \(5, 5\)"),
         (dict(box=(0, 0, float("nan"), 1)), ValueError, "box must be finite"),
         (dict(box=(0, 0, 1)), ValueError, r"box must be finite .* got \(0, 0, 1\)"),
     ]

@@ -141,8 +141,9 @@ class VolumeChunks:
 
     volume : (dim,) float32, unit norm: what ``encode_volumes`` returns for the volume
     chunks : (C, dim) float32, unit rows: each chunk through the visual head alone
-    z_range : (C, 2) int64, first and last real slice (inclusive) of each chunk, counted
-        along z of the encoder's input volume (a padded last chunk ends at the last slice)
+    z_range : (C, 2) int64, real slices ``[z0, z1)`` of each chunk (``z1`` exclusive),
+        counted along z of the encoder's input volume (a padded last chunk ends at its
+        depth)
     """
 
     volume: np.ndarray

@@ -158,9 +158,9 @@ def volume_tokens(vol, spec: EncoderSpec) -> VolumeTokens:
 
 
 def chunk_z_ranges(z_start: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """``(C, 2)`` int64 first and last real slice (inclusive) of each chunk."""
+    """``(C, 2)`` int64 real slices ``[z0, z1)`` of each chunk (``z1`` exclusive)."""
     z0 = np.asarray(z_start, dtype=np.int64)
-    return np.stack([z0, z0 + np.asarray(valid, dtype=np.int64) - 1], axis=1)
+    return np.stack([z0, z0 + np.asarray(valid, dtype=np.int64)], axis=1)
 
 
 def group_chunks(features: np.ndarray, counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Crash-safe file writing for saved indexes."""
+"""Files of the index package: crash-safe writes of saved indexes, the store's private file."""
 
 from __future__ import annotations
 
@@ -32,3 +32,16 @@ def write_npz_atomic(path: str | Path, **arrays: np.ndarray) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def create_private(path: Path) -> None:
+    """Create the store's folder (0700) and file (0600) when missing, so that SQLite
+    opens a file only its owner can read (it gives ``-wal`` and ``-shm`` the same mode)."""
+    if str(path) == ":memory:" or str(path).startswith("file:"):
+        return
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass

@@ -77,7 +77,8 @@ class ItemRecord:
     region : str, optional
         Region name (e.g. "distal_radius").
     z_range : (int, int), optional
-        First and last slice (inclusive) of a chunk.
+        Chunks and organs of a volume: slices ``[z0, z1)`` (``z1`` exclusive, so
+        ``z0 < z1``; the serving side's one convention, ``medseek.search.query``).
     box : (float, float, float, float), optional
         Region box ``(x0, y0, x1, y1)`` in pixels.
     content_sha256 : str, optional
@@ -118,9 +119,9 @@ class ItemRecord:
         if self.z_range is not None:
             z = tuple(self.z_range)
             ints = all(isinstance(v, (int, np.integer)) for v in z)
-            if len(z) != 2 or not ints or not 0 <= z[0] <= z[1]:
-                raise ValueError(
-                    f"z_range must be (z0, z1) ints with 0 <= z0 <= z1, got {self.z_range!r}")
+            if len(z) != 2 or not ints or not 0 <= z[0] < z[1]:
+                raise ValueError(f"z_range must be half-open (z0, z1) ints with 0 <= z0 < z1, "
+                                 f"got {self.z_range!r}")
             object.__setattr__(self, "z_range", (int(z[0]), int(z[1])))
         if self.box is not None:
             ok = isinstance(self.box, (list, tuple)) and all(
@@ -176,14 +177,50 @@ class UpsertResult:
     duplicate_of: str | None = None
 
 
-ITEM_COLUMNS = (
-    "item_id, collection, modality, body_part, view, labels, patient_pseudonym, "
-    "study_pseudonym, source_document, parent_id, region, z_start, z_end, box, content_sha256"
-)
+#: The ``items`` columns that hold an ``ItemRecord``, in the order of ``row_values`` and
+#: ``record_from_row``: the one definition every column list and placeholder count of the
+#: store's SQL derives from (``medseek.index.sql``).
+ITEM_FIELDS: tuple[str, ...] = (
+    "item_id", "collection", "modality", "body_part", "view", "labels", "patient_pseudonym",
+    "study_pseudonym", "source_document", "parent_id", "region", "z_start", "z_end", "box",
+    "content_sha256")
+#: ``ITEM_FIELDS`` as a SQL column list.
+ITEM_COLUMNS = ", ".join(ITEM_FIELDS)
+#: The ``items`` columns the store maintains itself, read after ``ITEM_FIELDS`` into the
+#: ``StoredItem`` fields of the same names.
+STORED_FIELDS: tuple[str, ...] = ("row_key", "seq", "created_at", "updated_at")
+
+
+def check_upsert_batch(items: Sequence[ItemRecord], embeddings: np.ndarray,
+                       collections: Sequence[str]) -> None:
+    """Refuse an upsert batch that is not n distinct, printable ids of known collections
+    with one finite, L2-normalised (n, dim) embedding row each (``ValueError``/``TypeError``
+    naming the item)."""
+    from .base import check_vectors
+
+    if isinstance(items, ItemRecord) or not all(isinstance(r, ItemRecord) for r in items):
+        raise TypeError("items must be a sequence of ItemRecord")
+    if not isinstance(embeddings, np.ndarray) or embeddings.ndim != 2:
+        shape = getattr(embeddings, "shape", type(embeddings).__name__)
+        raise ValueError(f"embeddings must be a 2-D (n, dim) array, got {shape}")
+    check_vectors("embeddings", embeddings, embeddings.shape[1])
+    if embeddings.shape[0] != len(items):
+        raise ValueError(f"embeddings has {embeddings.shape[0]} rows for {len(items)} items")
+    seen: dict[str, int] = {}
+    for i, r in enumerate(items):
+        if r.collection not in collections:
+            raise ValueError(f"items[{i}].collection must be one of "
+                             f"{tuple(collections)}, got {r.collection!r}")
+        if not r.id.isprintable():
+            raise ValueError(f"items[{i}].id must be printable: no NUL or control "
+                             f"characters")
+        if r.id in seen:
+            raise ValueError(f"items[{i}].id repeats items[{seen[r.id]}].id {r.id!r}")
+        seen[r.id] = i
 
 
 def row_values(r: ItemRecord) -> tuple:
-    """The values of ``ITEM_COLUMNS`` for ``r``."""
+    """The values of ``ITEM_FIELDS`` for ``r``."""
     z0, z1 = r.z_range if r.z_range is not None else (None, None)
     box = json.dumps(list(r.box)) if r.box is not None else None
     return (r.id, r.collection, r.modality, r.body_part, r.view, json.dumps(list(r.labels)),

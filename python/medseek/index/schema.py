@@ -19,6 +19,9 @@ meta        key/value; 'store_uuid' names this store so an index saved for anoth
             seq below which the changelog was pruned (older indexes must be rebuilt);
             other keys belong to the store's users (``Store.set_meta``), e.g.
             'report_ranker/<model>/<collection>' (``medseek.serve.report_ranker``).
+
+Version 2: ``items.z_start``/``z_end`` are half-open, ``[z_start, z_end)`` (``z_end``
+exclusive, as in training and the corpus manifests); version 1 stored the last slice.
 """
 
 from __future__ import annotations
@@ -75,7 +78,12 @@ def _v0_to_v1(con: sqlite3.Connection) -> None:
     con.execute("CREATE INDEX changelog_collection_seq ON changelog (collection, seq)")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v0_to_v1,)
+def _v1_to_v2(con: sqlite3.Connection) -> None:
+    # z-ranges become half-open: the stored last slice becomes the first one past the range
+    con.execute("UPDATE items SET z_end = z_end + 1 WHERE z_end IS NOT NULL")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v0_to_v1, _v1_to_v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -36,9 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import check_vectors
-from .records import (ITEM_COLUMNS, ItemRecord, StoreConfig, StoredItem, UpsertResult,
-                      record_from_row, row_values, str_list)
+from . import sql
+from ._files import create_private
+from .reader import StoreReader
+from .records import (ItemRecord, StoreConfig, StoredItem, UpsertResult, check_upsert_batch,
+                      row_values, str_list)
 from .schema import SCHEMA_VERSION, Transaction, log_change, migrate
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Store:
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
         self._lock = threading.RLock()
-        _create_private(Path(config.path))
+        create_private(Path(config.path))
         self._con = sqlite3.connect(
             config.path, isolation_level=None, check_same_thread=False,
             timeout=config.busy_timeout_s,
@@ -131,25 +132,7 @@ class Store:
         ValueError, TypeError
             On any invalid record or embedding; then nothing of the batch is written.
         """
-        if isinstance(items, ItemRecord) or not all(isinstance(r, ItemRecord) for r in items):
-            raise TypeError("items must be a sequence of ItemRecord")
-        if not isinstance(embeddings, np.ndarray) or embeddings.ndim != 2:
-            shape = getattr(embeddings, "shape", type(embeddings).__name__)
-            raise ValueError(f"embeddings must be a 2-D (n, dim) array, got {shape}")
-        check_vectors("embeddings", embeddings, embeddings.shape[1])
-        if embeddings.shape[0] != len(items):
-            raise ValueError(f"embeddings has {embeddings.shape[0]} rows for {len(items)} items")
-        seen: dict[str, int] = {}
-        for i, r in enumerate(items):
-            if r.collection not in self.config.collections:
-                raise ValueError(f"items[{i}].collection must be one of "
-                                 f"{self.config.collections}, got {r.collection!r}")
-            if not r.id.isprintable():
-                raise ValueError(f"items[{i}].id must be printable: no NUL or control "
-                                 f"characters")
-            if r.id in seen:
-                raise ValueError(f"items[{i}].id repeats items[{seen[r.id]}].id {r.id!r}")
-            seen[r.id] = i
+        check_upsert_batch(items, embeddings, self.config.collections)
         dim = embeddings.shape[1]
         blobs = embeddings.astype("<f4", copy=False)
         results = []
@@ -191,16 +174,12 @@ class Store:
                 con.execute("DELETE FROM embeddings WHERE row_key = ? AND model != ?",
                             (old[0], model))
         if old is None:
-            row_key = con.execute(
-                f"INSERT INTO items ({ITEM_COLUMNS}, created_at, updated_at, seq) "
-                f"VALUES ({', '.join('?' * 15)}, ?, ?, 0)", row_values(r) + (now, now)).lastrowid
+            row_key = con.execute(sql.INSERT_ITEM, row_values(r) + (now, now)).lastrowid
         else:
             row_key, old_collection = old
             if old_collection != r.collection:  # the old collection's index must drop it
                 log_change(con, row_key, old_collection, "delete")
-            sets = ", ".join(f"{c} = ?" for c in ITEM_COLUMNS.split(", ")[1:])
-            con.execute(f"UPDATE items SET {sets}, updated_at = ? WHERE row_key = ?",
-                        row_values(r)[1:] + (now, row_key))
+            con.execute(sql.UPDATE_ITEM, row_values(r)[1:] + (now, row_key))
         seq = log_change(con, row_key, r.collection, "upsert")
         con.execute("UPDATE items SET seq = ? WHERE row_key = ?", (seq, row_key))
         con.execute("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?)",
@@ -221,11 +200,11 @@ class Store:
         ids = str_list("ids", ids) or []
         rows = []
         with self._write() as con:
-            for part in _parts(ids):
+            for part in sql.parts(ids):
                 found = con.execute(
                     f"""WITH RECURSIVE doomed(row_key, item_id, collection) AS (
                            SELECT row_key, item_id, collection FROM items
-                           WHERE item_id IN ({_marks(part)})
+                           WHERE item_id IN ({sql.marks(len(part))})
                            UNION
                            SELECT i.row_key, i.item_id, i.collection FROM items i
                            JOIN doomed d ON i.parent_id = d.item_id)
@@ -243,20 +222,20 @@ class Store:
         """Items by id; unknown ids are absent from the result."""
         ids = str_list("ids", ids) or []
         rows = []
+        model = (self.config.model,) if with_embeddings else ()
         with self._lock:
-            for part in _parts(list(dict.fromkeys(ids))):
+            for part in sql.parts(list(dict.fromkeys(ids))):
                 rows += self._con.execute(
-                    f"SELECT {ITEM_COLUMNS}, row_key, seq, created_at, updated_at, "
-                    "(SELECT vector FROM embeddings e WHERE e.row_key = items.row_key "
-                    f"AND e.model = ?) FROM items WHERE item_id IN ({_marks(part)})",
-                    (self.config.model, *part)).fetchall()
-        out = {}
-        for row in rows:
-            emb = None
-            if with_embeddings and row[19] is not None:
-                emb = np.frombuffer(row[19], dtype="<f4").astype(np.float32)
-            out[row[0]] = StoredItem(record_from_row(row[:15]), *row[15:19], embedding=emb)
-        return out
+                    sql.select_items(f"item_id IN ({sql.marks(len(part))})", with_embeddings),
+                    (*model, *part)).fetchall()
+        items = (sql.stored_item(row) for row in rows)
+        return {it.record.id: it for it in items}
+
+    def reader(self) -> StoreReader:
+        """A ``StoreReader`` of this store: reads by row key and by parent through its own
+        read-only connections (one per thread), for the search pipeline and the server.
+        The caller closes it."""
+        return StoreReader(self)
 
     def last_seq(self) -> int:
         """The seq of the latest committed write (0 for an empty store)."""
@@ -360,12 +339,8 @@ class Store:
         for start in range(0, len(candidates), batch_size):
             page = json.dumps(candidates[start:start + batch_size].tolist())
             with self._lock:  # seq re-checked: a row rewritten since is left to the next catch-up
-                rows = self._con.execute(
-                    "SELECT i.row_key, e.vector FROM items i JOIN embeddings e "
-                    "ON e.row_key = i.row_key AND e.model = ? "
-                    "WHERE i.row_key IN (SELECT value FROM json_each(?)) AND i.collection = ? "
-                    "AND i.seq > ? AND i.seq <= ? ORDER BY i.row_key",
-                    (self.config.model, page, collection, since, until)).fetchall()
+                rows = self._con.execute(sql.EMBEDDINGS_PAGE, (
+                    self.config.model, page, collection, since, until)).fetchall()
             if not rows:
                 continue
             keys = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
@@ -384,17 +359,8 @@ class Store:
         """
         window = (collection, int(since_seq), int(until_seq))
         with self._lock:
-            rows = self._con.execute(
-                """SELECT c.row_key FROM changelog c
-                   WHERE c.collection = ? AND c.op = 'delete' AND c.seq > ? AND c.seq <= ?
-                   AND NOT EXISTS (SELECT 1 FROM items i
-                                   WHERE i.row_key = c.row_key AND i.collection = c.collection)
-                   UNION
-                   SELECT i.row_key FROM items i
-                   WHERE i.collection = ? AND i.seq > ? AND i.seq <= ?
-                   AND NOT EXISTS (SELECT 1 FROM embeddings e
-                                   WHERE e.row_key = i.row_key AND e.model = ?)
-                   ORDER BY 1""", window + window + (self.config.model,)).fetchall()
+            rows = self._con.execute(sql.REMOVED_ROW_KEYS,
+                                     window + window + (self.config.model,)).fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64)
 
     def filter_row_keys(
@@ -414,28 +380,11 @@ class Store:
         -------
         np.ndarray, int64, shape (a,), sorted
         """
-        where, args = ["collection = ?"], [collection]
-        for column, value in (("modality", modality), ("body_part", body_part), ("view", view)):
-            values = str_list(column, value)
-            if values is not None:
-                where.append(f"{column} IN (SELECT value FROM json_each(?))")
-                args.append(json.dumps(values))
-        labels = str_list("labels_any", labels_any)
-        if labels is not None:
-            where.append("EXISTS (SELECT 1 FROM json_each(items.labels) l "
-                         "WHERE l.value IN (SELECT value FROM json_each(?)))")
-            args.append(json.dumps(labels))
-        for column, name, value in (("patient_pseudonym", "exclude_patients", exclude_patients),
-                                    ("study_pseudonym", "exclude_studies", exclude_studies)):
-            values = str_list(name, value)
-            if values:
-                where.append(f"({column} IS NULL OR "
-                             f"{column} NOT IN (SELECT value FROM json_each(?)))")
-                args.append(json.dumps(values))
+        where, args = sql.filter_where(collection, modality, body_part, view, labels_any,
+                                       exclude_patients, exclude_studies)
         with self._lock:
             rows = self._con.execute(
-                f"SELECT row_key FROM items WHERE {' AND '.join(where)} ORDER BY row_key", args
-            ).fetchall()
+                f"SELECT row_key FROM items WHERE {where} ORDER BY row_key", args).fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64)
 
     def stats(self) -> dict:
@@ -449,29 +398,3 @@ class Store:
         return {"items": per, "embeddings": n_emb, "dims": self.collections(),
                 "last_seq": self.last_seq(), "schema_version": SCHEMA_VERSION,
                 "model": self.config.model, "file_bytes": files}
-
-
-#: ids bound per statement (SQLite allows 32766 parameters)
-_ID_PART = 500
-
-
-def _parts(ids: list[str]) -> Iterator[list[str]]:
-    for start in range(0, len(ids), _ID_PART):
-        yield ids[start:start + _ID_PART]
-
-
-def _marks(part: list[str]) -> str:
-    return ", ".join("?" * len(part))
-
-
-def _create_private(path: Path) -> None:
-    """Create the store's folder (0700) and file (0600) when missing, so that SQLite
-    opens a file only its owner can read (it gives ``-wal`` and ``-shm`` the same mode)."""
-    if str(path) == ":memory:" or str(path).startswith("file:"):
-        return
-    if not path.parent.exists():
-        path.parent.mkdir(mode=0o700, parents=True)
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        pass

@@ -159,16 +159,18 @@ def organ_embedding(
     """A volume's organ embedding from its chunk embeddings, weighted by z-overlap.
 
     ``e = normalise(sum_c w_c * chunk_c)`` with ``w_c`` the number of slices chunk ``c``
-    shares with the organ's z-range (inclusive bounds on both sides).
+    shares with the organ's z-range. Ranges are half-open, ``[z0, z1)`` (``z1``
+    exclusive, as in training: ``medseek.models.vit3d``), so ``w_c = max(0,
+    min(z1_c, z1) - max(z0_c, z0))``.
 
     Parameters
     ----------
     chunk_embs : np.ndarray, float32 or float64, shape (C, d)
         L2-normalised chunk embeddings of one volume.
     chunk_z : np.ndarray, int, shape (C, 2)
-        First and last slice (inclusive) of each chunk.
+        Slices ``[z0, z1)`` of each chunk, ``z0 < z1``.
     organ_z : (int, int)
-        First and last slice (inclusive) of the organ, ``z0 <= z1``.
+        Slices ``[z0, z1)`` of the organ, ``z0 < z1``.
 
     Returns
     -------
@@ -180,13 +182,14 @@ def organ_embedding(
     if z.dtype.kind not in "iu" or z.shape != (e.shape[0], 2):
         raise ValueError(f"chunk_z must be an int array of shape ({e.shape[0]}, 2), "
                          f"got {z.dtype} {z.shape}")
-    if (z[:, 0] > z[:, 1]).any():
-        raise ValueError(f"chunk_z rows must have z0 <= z1, got {z[z[:, 0] > z[:, 1]][0].tolist()}")
+    if (z[:, 0] >= z[:, 1]).any():
+        raise ValueError(f"chunk_z rows must be half-open with z0 < z1, got "
+                         f"{z[z[:, 0] >= z[:, 1]][0].tolist()}")
     o = tuple(organ_z)
-    if len(o) != 2 or not all(isinstance(v, (int, np.integer)) for v in o) or o[0] > o[1]:
-        raise ValueError(f"organ_z must be (z0, z1) ints with z0 <= z1, got {organ_z!r}")
+    if len(o) != 2 or not all(isinstance(v, (int, np.integer)) for v in o) or o[0] >= o[1]:
+        raise ValueError(f"organ_z must be half-open (z0, z1) ints with z0 < z1, got {organ_z!r}")
     check_unit_rows("chunk_embs", e)
-    overlap = np.minimum(z[:, 1], o[1]) - np.maximum(z[:, 0], o[0]) + 1  # slices shared
+    overlap = np.minimum(z[:, 1], o[1]) - np.maximum(z[:, 0], o[0])  # slices shared
     w = np.clip(overlap, 0, None).astype(np.float64)
     if not w.any():
         return None

@@ -2,7 +2,12 @@
 
 - ``config.py``: ``ServeConfig`` and friends (dataclasses; the CLI loads them from JSON/TOML).
 - ``server.py``: ``create_server(config, encoder) -> (server, port)``, ``serve``, ``ServerThread``.
-- ``servicer.py``: the RPC handlers; ``batcher.py``: the async micro-batcher and bounded queue.
+- ``servicer.py``: the thin gRPC adapter (statuses, latency, SearchStream flow control) over
+  ``query_service.py`` (Search, Diagnose, Get, Stats: a ``SearchRequest`` becomes a typed
+  ``medseek.search.SearchQuery``) and ``ingest_service.py`` (Ingest, Delete), which share
+  ``encoding.py`` (decode pool, encoder thread); ``errors.py`` maps failures to statuses;
+  ``batcher.py``: the async micro-batcher and bounded queue. z-ranges are half-open
+  ``[z_start, z_end)`` throughout (``medseek.search.query``).
 - ``ingest.py``: request items -> de-identified pixels, records, content hashes, embeddings.
 - ``report_ranker.py``: the report collection's embedding: ``hybrid`` (in-process MiniLM +
   laterality-aware finding concepts, the default) or ``joint`` (the encoder's text tower).

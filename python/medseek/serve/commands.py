@@ -193,7 +193,8 @@ def iter_items(source: Path, collection: str = ""):
     ``{"id", "path" | "text", "collection", "modality", "body_part", "view", "labels",
     "patient_pseudonym", "study_pseudonym", "source_document", "regions"}``; ``regions``
     is a list of ``{"name", "box": [x0, y0, x1, y1]}`` (images) or
-    ``{"name", "z_range": [first, last]}`` (a volume's organs, slices inclusive)."""
+    ``{"name", "z_range": [z0, z1]}`` (a volume's organs: slices ``[z0, z1)``, ``z1``
+    exclusive, as in the corpus manifests)."""
     from .v1 import retrieval_pb2 as pb
 
     if source.is_dir():
@@ -239,8 +240,8 @@ def _region(pb, raw: dict, where: str):
                                                                  raw["box"]))))
     z = raw["z_range"]
     if len(z) != 2 or not all(isinstance(v, int) and v >= 0 for v in z):
-        raise ValueError(f"{where}: region z_range must be [first, last] slice ints >= 0, "
-                         f"got {z!r}")
+        raise ValueError(f"{where}: region z_range must be [z0, z1] slice ints >= 0 "
+                         f"(z1 exclusive), got {z!r}")
     return pb.Region(name=raw["name"], z_range=pb.ZRange(z_start=z[0], z_end=z[1]))
 
 

@@ -2,7 +2,8 @@
 
 Client faults keep their message, which names the request field at fault:
 
-- INVALID_ARGUMENT: bad content or a bad field (``InvalidField``, ``MedicalImageError``), a
+- INVALID_ARGUMENT: bad content or a bad field (``InvalidField``, a search's
+  ``InvalidQuery``, ``MedicalImageError``), a
   message that does not parse (``Undecodable``), corrupt compressed content (``decoding``);
 - NOT_FOUND: an id the store does not hold (``NotFound``);
 - RESOURCE_EXHAUSTED: a full queue or a request over a budget (``QueueFull``,
@@ -34,6 +35,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from medseek.io import LimitExceededError, MedicalImageError
+from medseek.search.query import InvalidQuery
 
 from .batcher import QueueFull
 from .ingest import InvalidField
@@ -129,7 +131,7 @@ def classify(exc: BaseException, unavailable: tuple = (), where: str = "request"
     where : str
         What failed, for the log line: an RPC name, never request data.
     """
-    if isinstance(exc, InvalidField):
+    if isinstance(exc, (InvalidField, InvalidQuery)):
         return Failure(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, NotFound):
         return Failure(grpc.StatusCode.NOT_FOUND, str(exc))

@@ -25,6 +25,7 @@ from medseek.io import (DeidConfig, LimitExceededError, MedicalImageError, ReadL
                         read_image, read_volume)
 from medseek.io.nifti import is_nifti
 from medseek.io.sources import is_dicom, is_zip
+from medseek.search.query import InvalidQuery
 
 from .config import PreprocessSpec, RequestBudget
 
@@ -32,12 +33,8 @@ from .config import PreprocessSpec, RequestBudget
 DEFAULT_COLLECTION = {"text": "report", "image": "image", "volume": "volume"}
 
 
-class InvalidField(ValueError):
+class InvalidField(InvalidQuery):
     """Bad request content; ``field`` names the request field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 #: Longest item id a client may give, in UTF-8 bytes (children ids add their suffix).
@@ -373,25 +370,33 @@ def source_z_ranges(z_range: np.ndarray, z_scale: float, source_depth: int,
     Parameters
     ----------
     z_range : np.ndarray, int, shape (C, 2)
-        First and last slice (inclusive) of each chunk in the resampled volume.
+        Slices ``[z0, z1)`` of each chunk in the resampled volume.
     z_scale : float > 0
     source_depth, resampled_depth : int >= 1
 
     Returns
     -------
     np.ndarray, int64, shape (C, 2)
+        Slices ``[z0, z1)`` of the volume as uploaded (``z1`` exclusive).
     """
     k = np.arange(source_depth)
     nearest = np.clip(np.floor(k / z_scale + 0.5), 0, resampled_depth - 1).astype(np.int64)
     out = np.empty((len(z_range), 2), dtype=np.int64)
     for c, (a, b) in enumerate(np.asarray(z_range, dtype=np.int64)):
-        mine = k[(nearest >= a) & (nearest <= b)]
+        mine = k[(nearest >= a) & (nearest < b)]
         if mine.size:
-            out[c] = mine[0], mine[-1]
-        else:
+            out[c] = mine[0], mine[-1] + 1
+        else:  # the uploaded slices around the chunk's samples a .. b - 1
             out[c] = (min(int(np.floor(a * z_scale)), source_depth - 1),
-                      min(int(np.ceil(b * z_scale)), source_depth - 1))
+                      min(int(np.ceil((b - 1) * z_scale)), source_depth - 1) + 1)
     return out
+
+
+def check_z_end(z_end: int, depth: int, field: str) -> None:
+    """Refuse a half-open z-range that ends past a volume of ``depth`` slices."""
+    if z_end > depth:
+        raise InvalidField(field, f"z_end {z_end} is past the volume's end: it has {depth} "
+                                  f"slices [0, {depth}) and z_end is exclusive")
 
 
 def _child(parent: ItemRecord, **fields) -> ItemRecord:
@@ -406,7 +411,8 @@ def _child(parent: ItemRecord, **fields) -> ItemRecord:
 def chunk_record(parent: ItemRecord, n: int, z_range, collection: str,
                  field: str) -> ItemRecord:
     """The store record of chunk ``n`` of volume ``parent``: id ``<parent id>/chunk/<n>``,
-    the parent's metadata and provenance, ``parent_id`` and ``z_range`` (uploaded slices)."""
+    the parent's metadata and provenance, ``parent_id`` and ``z_range`` (uploaded slices
+    ``[z0, z1)``)."""
     try:
         return _child(parent, id=f"{parent.id}/chunk/{n}", collection=collection,
                       z_range=(int(z_range[0]), int(z_range[1])))
@@ -417,16 +423,16 @@ def chunk_record(parent: ItemRecord, n: int, z_range, collection: str,
 def organ_record(parent: ItemRecord, region, collection: str, field: str,
                  source_depth: int) -> ItemRecord:
     """The store record of an organ of volume ``parent``: id ``<parent id>/region/<name>``,
-    ``region`` = the name, ``z_range`` = the organ's slices (checked against the volume)."""
+    ``region`` = the name, ``z_range`` = the organ's slices ``[z_start, z_end)`` (checked
+    against the volume)."""
     check_region_name(region.name, f"{field}.name")
     if region.HasField("box") or not region.HasField("z_range"):
         raise InvalidField(field, "a volume's region needs a z_range (organ slices) and no box")
     z0, z1 = int(region.z_range.z_start), int(region.z_range.z_end)
-    if z0 > z1:
-        raise InvalidField(f"{field}.z_range", f"z_start {z0} is after z_end {z1}")
-    if z1 >= source_depth:
-        raise InvalidField(f"{field}.z_range", f"z_end {z1} is past the volume's last slice "
-                                               f"{source_depth - 1}")
+    if z0 >= z1:
+        raise InvalidField(f"{field}.z_range", f"z_start {z0} must be before z_end {z1} "
+                                               "(slices [z_start, z_end), z_end exclusive)")
+    check_z_end(z1, source_depth, f"{field}.z_range")
     try:
         return _child(parent, id=f"{parent.id}/region/{region.name}", collection=collection,
                       region=region.name, z_range=(z0, z1))

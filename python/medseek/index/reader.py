@@ -1,0 +1,233 @@
+"""``StoreReader``: the store's reads for searching, by row key and by parent.
+
+An ANN index answers with row keys, and region reranking needs the region (and chunk)
+children of the candidates. ``Store.reader()`` hands out a ``StoreReader`` that reads the
+same SQLite file through its *own read-only connections* (``mode=ro``), with the store's
+SQL (``medseek.index.sql``); the store's own connection and lock are not touched, so
+searches never wait behind a write. In WAL mode a reader sees the last committed state
+and never blocks the writer, so an acknowledged delete is visible here at once: a row key
+the index still holds but the store no longer does comes back as None, and the pipeline
+drops it.
+
+Each thread that reads gets its own read-only connection (opened on its first read), so
+the server's search threads read concurrently; SQLite releases the GIL while it steps.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import sql
+from .records import StoredItem, str_list
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["Candidates", "ChildRow", "StoreReader"]
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The fields ranking needs of ANN candidates (full records are built for hits only).
+
+    Attributes
+    ----------
+    row_keys : np.ndarray, int64, shape (n,)
+        Live candidates that have an embedding of the store's model, in the asked order.
+    positions : np.ndarray, int64, shape (n,)
+        Index of each in the ``row_keys`` asked for.
+    ids, collections : list of str, length n
+    provenance : dict of str to list of (str or None)
+        "patient", "study", "document" pseudonyms (never logged).
+    embeddings : np.ndarray, float32, shape (n, d)
+    """
+
+    row_keys: np.ndarray
+    positions: np.ndarray
+    ids: list[str]
+    collections: list[str]
+    provenance: dict[str, list[str | None]] = field(repr=False)
+    embeddings: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ChildRow:
+    """A chunk or region child: its id, parent, region name, z-range and embedding."""
+
+    id: str
+    parent_id: str
+    region: str | None
+    z_range: tuple[int, int] | None
+    embedding: np.ndarray | None = field(repr=False)
+
+
+def _check_keys(row_keys: object) -> np.ndarray:
+    keys = np.asarray(row_keys)
+    if keys.dtype.kind not in "iu" or keys.ndim != 1:
+        raise TypeError(f"row_keys must be a 1-D int array, got {keys.dtype} {keys.shape}")
+    return keys
+
+
+class StoreReader:
+    """Read-only views of a ``Store`` by row key and by parent.
+
+    Parameters
+    ----------
+    store : Store
+        Its ``config.path`` is opened read-only; its ``config.model`` picks the embeddings.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.model = store.config.model
+        self._uri = f"{store.config.path.resolve().as_uri()}?mode=ro"
+        self._timeout = store.config.busy_timeout_s
+        self._local = threading.local()
+        self._cons: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()  # guards _cons and _closed, not the reads
+        self._closed = False
+        self._con_here()  # fail now, not on the first search, if the file cannot be opened
+
+    def _con_here(self) -> sqlite3.Connection:
+        """This thread's read-only connection (opened on its first use)."""
+        con = getattr(self._local, "con", None)
+        if con is None:
+            with self._lock:
+                if self._closed:
+                    raise sqlite3.ProgrammingError("Cannot operate on a closed StoreReader.")
+                con = sqlite3.connect(self._uri, uri=True, check_same_thread=False,
+                                      timeout=self._timeout)
+                self._cons.append(con)
+            self._local.con = con
+        return con
+
+    def _execute(self, sql: str, args: tuple) -> list[tuple]:
+        return self._con_here().execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        """Close every thread's connection; reads afterwards raise ProgrammingError."""
+        with self._lock:
+            self._closed = True
+            for con in self._cons:
+                con.close()
+            self._cons.clear()
+
+    def __enter__(self) -> StoreReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _items(self, where: str, args: tuple, with_embeddings: bool) -> list[StoredItem]:
+        model = (self.model,) if with_embeddings else ()
+        return [sql.stored_item(row)
+                for row in self._execute(sql.select_items(where, with_embeddings), model + args)]
+
+    def items(
+        self, row_keys: np.ndarray, *, with_embeddings: bool = False
+    ) -> list[StoredItem | None]:
+        """Items by row key, aligned with ``row_keys``; None for keys no longer live.
+
+        Parameters
+        ----------
+        row_keys : np.ndarray, int64, shape (n,)
+        with_embeddings : bool
+            Also read each item's embedding of the store's model (None if it has none).
+
+        Returns
+        -------
+        list of (StoredItem or None), length n
+        """
+        keys = _check_keys(row_keys)
+        found = self._items("row_key IN (SELECT value FROM json_each(?))",
+                            (json.dumps(keys.tolist()),), with_embeddings)
+        by_key = {it.row_key: it for it in found}
+        return [by_key.get(int(k)) for k in keys]
+
+    def by_ids(self, ids: Sequence[str], *, with_embeddings: bool = False
+               ) -> dict[str, StoredItem]:
+        """Items by client id, as ``Store.get`` reads them; unknown ids are absent."""
+        ids = str_list("ids", ids) or []
+        found = self._items("item_id IN (SELECT value FROM json_each(?))",
+                            (json.dumps(ids),), with_embeddings)
+        return {it.record.id: it for it in found}
+
+    def candidates(self, row_keys: np.ndarray) -> Candidates:
+        """What ranking needs of ANN candidates, without building full records.
+
+        Parameters
+        ----------
+        row_keys : np.ndarray, int, shape (n,)
+
+        Returns
+        -------
+        Candidates
+            The live ones that hold an embedding of the store's model, in the given order.
+        """
+        keys = _check_keys(row_keys)
+        rows = self._execute(
+            "SELECT i.row_key, i.item_id, i.collection, i.patient_pseudonym, "
+            "i.study_pseudonym, i.source_document, e.vector FROM items i "
+            "JOIN embeddings e ON e.row_key = i.row_key AND e.model = ? "
+            "WHERE i.row_key IN (SELECT value FROM json_each(?))",
+            (self.model, json.dumps(keys.tolist())))
+        by_key = {r[0]: r for r in rows}
+        found = [(pos, by_key[k]) for pos, k in enumerate(keys.tolist()) if k in by_key]
+        dims = {len(r[6]) for _, r in found}
+        if len(dims) > 1:
+            raise ValueError(f"row_keys mix embeddings of several dims {sorted(dims)}")
+        d = dims.pop() // 4 if dims else 0
+        cols = list(zip(*(r for _, r in found))) if found else [()] * 7
+        embs = np.frombuffer(b"".join(cols[6]), dtype="<f4")
+        return Candidates(
+            row_keys=np.array(cols[0], dtype=np.int64),
+            positions=np.array([pos for pos, _ in found], dtype=np.int64),
+            ids=list(cols[1]), collections=list(cols[2]),
+            provenance={"patient": list(cols[3]), "study": list(cols[4]),
+                        "document": list(cols[5])},
+            embeddings=embs.astype(np.float32).reshape(len(found), d))
+
+    def children(
+        self, parent_ids: Sequence[str], collection: str, region: str | None = None
+    ) -> dict[str, list[ChildRow]]:
+        """Children (chunks, regions) of the given parents in ``collection``.
+
+        Parameters
+        ----------
+        parent_ids : sequence of str
+            Item ids of the parents.
+        collection : str
+            The children's collection, e.g. "region" or "chunk".
+        region : str, optional
+            Keep only children with this region name.
+
+        Returns
+        -------
+        dict of str to list of ChildRow
+            Parent id -> its children ordered by row key; parents without any are absent.
+        """
+        if isinstance(parent_ids, str):
+            raise TypeError("parent_ids must be a sequence of str, got a str")
+        # unary + keeps SQLite off the (collection, seq) index: the parent_id index is the
+        # selective one (a scan of every row of the collection otherwise)
+        where = "i.parent_id IN (SELECT value FROM json_each(?)) AND +i.collection = ?"
+        args: tuple = (self.model, json.dumps(list(parent_ids)), collection)
+        if region is not None:
+            where += " AND i.region = ?"
+            args += (region,)
+        rows = self._execute(
+            "SELECT i.item_id, i.parent_id, i.region, i.z_start, i.z_end, e.vector "
+            "FROM items i LEFT JOIN embeddings e ON e.row_key = i.row_key AND e.model = ? "
+            f"WHERE {where} ORDER BY i.row_key", args)
+        out: dict[str, list[ChildRow]] = {}
+        for item_id, parent, name, z0, z1, blob in rows:
+            emb = None if blob is None else np.frombuffer(blob, dtype="<f4").astype(np.float32)
+            z = None if z0 is None else (int(z0), int(z1))
+            out.setdefault(parent, []).append(ChildRow(item_id, parent, name, z, emb))
+        return out
