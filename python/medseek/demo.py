@@ -147,31 +147,29 @@ def demo_volume(out: Path, ct) -> None:
 
     from medseek import volume as mv
     from medseek.io import read_nifti
-    from medseek.models.factory import create_model
-    from medseek.train.checkpoint import load_model_weights
 
+    from .demo_models import load_demo_model
     from .demo_service import split_corpus
 
     row = split_corpus(ct.corpus, "volume").queries[0]
     vol = read_nifti(ct.corpus / row.path)
-    dual = create_model("ct-demo")
-    load_model_weights(ct.run / "checkpoint.safetensors", dual)
-    dual.eval()
-    target = 2.0
+    dual = load_demo_model(ct).eval()
+    pre = dual.cfg.preprocess  # the spacing and window the model was trained with
     t0 = time.perf_counter()
-    res = mv.resample(vol.array, vol.spacing, target)
-    win = mv.window(res, 40.0, 400.0)  # soft-tissue window, HU
+    res = mv.resample(vol.array, vol.spacing, pre.target_spacing)
+    win = mv.window(res, *pre.window)
     elapsed = time.perf_counter() - t0
     print(f"      {row.id}: {vol.array.shape} {vol.array.dtype} HU at "
-          f"{tuple(round(s, 3) for s in vol.spacing)} mm -> {res.shape} at {target} mm, "
-          f"window 40/400: {elapsed * 1e3:.1f} ms (C++)")
+          f"{tuple(round(s, 3) for s in vol.spacing)} mm -> {res.shape} at "
+          f"{tuple(pre.target_spacing)} mm, window {pre.window[0]:.0f}/{pre.window[1]:.0f}: "
+          f"{elapsed * 1e3:.1f} ms (C++)")
     py, px = dual.cfg.vision.patch_size[1:]
-    h, w = (win.shape[1] // py) * py, (win.shape[2] // px) * px
-    y0, x0 = (win.shape[1] - h) // 2, (win.shape[2] - w) // 2
-    win = np.ascontiguousarray(win[:, y0:y0 + h, x0:x0 + w])  # a centred crop to whole patches
+    pad_h, pad_w = (-win.shape[1]) % py, (-win.shape[2]) % px  # to whole patches, as in training
+    win = np.ascontiguousarray(np.pad(win, ((0, 0), (0, pad_h), (0, pad_w))), dtype=np.float32)
     with torch.no_grad():
         enc = dual.encode_volume_array(win)
-    print(f"      chunked 3D ViT with 3D RoPE (ct-demo, the demo-trained weights): "
+    weights = "the shipped release" if ct.card is not None else "the demo-trained weights"
+    print(f"      chunked 3D ViT with 3D RoPE ({dual.cfg.name}, {weights}): "
           f"{len(enc.z_start)} chunks of {enc.depth} slices at absolute z "
           f"{enc.z_start.tolist()}, chunk embeddings {tuple(enc.chunks.shape)}, volume "
           f"embedding {tuple(enc.volume.shape)}")

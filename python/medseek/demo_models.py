@@ -187,6 +187,21 @@ class DemoModel:
     card: dict | None = None  # the shipped (or reproduced) release's model card
 
 
+def load_demo_model(m: DemoModel):
+    """The torch model behind a demo model: its release (``m.run`` holds the release's
+    card and weights), or the demo-trained checkpoint of its recipe."""
+    from medseek.models.factory import create_model
+    from medseek.models.release import load_release
+    from medseek.train.checkpoint import load_model_weights
+
+    if m.card is not None:
+        return load_release(m.run / f"{m.site}.json")
+    recipe = json.loads((m.run / "recipe.json").read_text())
+    model = create_model(recipe["model"], **recipe.get("model_overrides", {}))
+    load_model_weights(m.run / "checkpoint.safetensors", model)
+    return model
+
+
 def last_eval(run: Path) -> dict:
     """The last ``eval`` record of a run's metrics.jsonl ({} when none)."""
     path = run / "metrics.jsonl"

@@ -174,6 +174,8 @@ def read_nifti(
 
 def _check_shape(shape: tuple[int, ...], volume_index: int | None, name: str, limits: ReadLimits) -> int:
     """Validate dimensions; returns the number of stored volumes."""
+    if not shape or min(shape) < 1:
+        raise MedicalImageError(f"{name}: NIfTI dimensions must all be >= 1, got {shape}")
     if len(shape) < 3:
         shape = shape + (1,) * (3 - len(shape))
     if len(shape) > 4 and any(s != 1 for s in shape[4:]):
@@ -225,6 +227,8 @@ def _canonical(values: np.ndarray, affine: np.ndarray, header, kind: int, name: 
     if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise MedicalImageError(f"{name}: NIfTI affine is missing or singular")
     current = ornt.io_orientation(affine)
+    if np.isnan(current).any():  # a voxel axis with no dominant world direction
+        raise MedicalImageError(f"{name}: NIfTI affine has a voxel axis with no dominant direction")
     transform = ornt.ornt_transform(current, ornt.axcodes2ornt(("L", "P", "S")))
     data = ornt.apply_orientation(values, transform)
     new_affine = affine @ ornt.inv_ornt_aff(transform, values.shape)

@@ -1,0 +1,126 @@
+"""Overload: light requests (text search) beside heavy ones (volume and large-image search)
+from 64 clients; the light requests' p99 under that load against their p99 alone.
+
+Clients are threads of this process, each with its own channel; they spend their time
+blocked in gRPC's C core, so the GIL adds little to the latencies measured."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from medseek.serve.client import RetrievalClient
+from medseek.serve.v1 import retrieval_pb2 as pb
+
+import reliability_seeds as seeds
+from reliability_server import ServerProcess
+
+QUERIES = ("pleural effusion", "enlarged heart", "pneumothorax on the right",
+           "clear lungs no acute disease", "bibasilar atelectasis", "pulmonary edema")
+
+
+def _populate(address: str, reports: int, images: int, volumes: int) -> None:
+    with RetrievalClient(address) as c:
+        for i in range(0, reports, 50):
+            c.ingest([pb.IngestItem(id=f"rep-{j}", text=f"{seeds.REPORTS[j % 5]} Case {j}.")
+                      for j in range(i, min(reports, i + 50))], timeout=600)
+        c.ingest([pb.IngestItem(id=f"img-{j}", image=seeds.png_bytes(64, j % 7))
+                  for j in range(images)], timeout=600)
+        c.ingest([pb.IngestItem(id=f"vol-{j}", volume=seeds.nifti_bytes(seed=j))
+                  for j in range(volumes)], timeout=600)
+
+
+def _light(rng_i: int) -> pb.SearchRequest:
+    return pb.SearchRequest(text=QUERIES[rng_i % len(QUERIES)], k=10)
+
+
+def _timed_lights(address: str, n: int) -> list[float]:
+    out = []
+    with RetrievalClient(address) as c:
+        for i in range(n):
+            t0 = time.perf_counter()
+            c.search(_light(i), timeout=120)
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def _load_phase(address: str, heavy: list, n_heavy: int, n_light: int,
+                duration_s: float) -> dict:
+    """``n_heavy`` clients looping over ``heavy`` requests and ``n_light`` looping over text
+    searches for ``duration_s`` (after a ramp-up); latencies of the OK answers, and every
+    status code seen."""
+    stop, measuring = threading.Event(), threading.Event()
+    lock = threading.Lock()
+    lat = {"light": [], "heavy": []}
+    codes = Counter()
+
+    def client(i: int, is_heavy: bool) -> None:
+        kind = "heavy" if is_heavy else "light"
+        with RetrievalClient(address, max_message_bytes=64 * 1024 * 1024) as c:
+            j = 0
+            while not stop.is_set():
+                req = heavy[j % len(heavy)] if is_heavy else _light(i + j)
+                t0 = time.perf_counter()
+                try:
+                    c.search(req, timeout=300)
+                    code = "OK"
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+                dt = time.perf_counter() - t0
+                with lock:
+                    codes[f"{kind} {code}"] += 1
+                    if code == "OK" and measuring.is_set():
+                        lat[kind].append(dt)
+                j += 1
+
+    threads = [threading.Thread(target=client, args=(i, i < n_heavy), daemon=True)
+               for i in range(n_heavy + n_light)]
+    for t in threads:
+        t.start()
+    time.sleep(min(10.0, duration_s / 4))  # ramp-up: every client in flight
+    measuring.set()
+    time.sleep(duration_s)
+    stop.set()
+    for t in threads:
+        t.join(timeout=600)
+    out = {"codes": dict(codes)}
+    for kind, values in lat.items():
+        if values:
+            out[kind] = {"n": len(values), "p50_ms": float(np.percentile(values, 50)) * 1e3,
+                         "p99_ms": float(np.percentile(values, 99)) * 1e3}
+    return out
+
+
+def overload(workdir: Path, clients: int = 64, heavy_fraction: float = 0.5,
+             duration_s: float = 60.0, unloaded_n: int = 200, log=print) -> dict:
+    """Light p99 alone, under ``clients`` clients (``heavy_fraction`` of them heavy), and
+    under the same number of light clients without the heavy ones (a control that tells
+    waiting behind heavy work from plain concurrency on this machine's cores)."""
+    # a 256 x 256 x 160 int16 CT at 1 mm (21 MB) and a 2048 x 2048 radiograph (4 MP)
+    heavy = [pb.SearchRequest(volume=seeds.nifti_bytes((256, 256, 160), (1.0, 1.0, 1.0),
+                                                       seed=9, dtype=np.int16), k=10),
+             pb.SearchRequest(image=seeds.png_bytes(2048, 5), k=10, diversify=True)]
+    n_heavy = int(round(clients * heavy_fraction))
+    with ServerProcess(Path(workdir), tokens=False, max_message_bytes=64 * 1024 * 1024) as s:
+        _populate(s.address, reports=400, images=100, volumes=8)
+        _timed_lights(s.address, 20)  # warm-up
+        alone = np.array(_timed_lights(s.address, unloaded_n)) * 1e3
+        log(f"  unloaded light p50 {np.percentile(alone, 50):.1f} ms, "
+            f"p99 {np.percentile(alone, 99):.1f} ms")
+        mixed = _load_phase(s.address, heavy, n_heavy, clients - n_heavy, duration_s)
+        log(f"  mixed: {mixed}")
+        control = _load_phase(s.address, heavy, 0, clients - n_heavy, duration_s)
+        log(f"  light only: {control}")
+        alive = s.alive()
+    p99 = float(np.percentile(alone, 99))
+    ratio = lambda phase: phase["light"]["p99_ms"] / p99 if "light" in phase else None  # noqa: E731
+    return {"clients": clients, "heavy_clients": n_heavy, "duration_s": duration_s,
+            "unloaded": {"n": len(alone), "p50_ms": float(np.percentile(alone, 50)),
+                         "p99_ms": p99},
+            "mixed": mixed, "light_only": control, "p99_ratio": ratio(mixed),
+            "p99_ratio_light_only": ratio(control), "server_alive": alive}
