@@ -350,7 +350,7 @@ def test_concurrent_queries_share_encoder_batches(server, client, gated, ingeste
     encode_queue = server.server.service.encode_batcher
 
     def sample(name):
-        return reg.get_sample_value(name, {"batcher": "encode"}) or 0.0
+        return reg.get_sample_value(name, {"batcher": "encode_text"}) or 0.0
 
     n0, s0 = sample("medseek_batch_size_count"), sample("medseek_batch_size_sum")
     texts = [f"pleural effusion case {i}" for i in range(8)]

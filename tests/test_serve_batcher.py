@@ -392,3 +392,38 @@ def test_stop_iteration_reaches_its_callers_and_the_batcher_goes_on():
         return await asyncio.wait_for(b.submit("k", 5), 10)
 
     assert _run(go, BatchConfig(max_batch=4, max_wait_ms=1.0), run_batch) == 5
+
+
+def test_max_running_runs_batches_side_by_side():
+    """With ``max_running=2`` a second batch runs while the first is held in its thread."""
+    release, started = threading.Event(), queue.Queue()
+
+    def held(key, xs):
+        started.put(key)
+        if key == "a":
+            release.wait(timeout=120)  # held until "b" has run beside it
+        return list(xs)
+
+    async def main():
+        with ThreadPoolExecutor(2) as pool:
+            b = MicroBatcher("t", held, BatchConfig(max_batch=4, max_wait_ms=0.0), pool,
+                             max_running=2)
+            b.start()
+            try:
+                first = asyncio.ensure_future(b.submit("a", 1))
+                loop = asyncio.get_running_loop()
+                assert await loop.run_in_executor(None, started.get, True, 120) == "a"
+                second = await b.submit("b", 2)  # answered while "a" is still held
+                assert not first.done()
+                release.set()
+                return await first, second
+            finally:
+                release.set()
+                await b.close()
+
+    assert asyncio.run(main()) == (1, 2)
+
+
+def test_max_running_is_checked():
+    with pytest.raises(ValueError, match="max_running must be >= 1"):
+        MicroBatcher("t", lambda k, xs: xs, BatchConfig(), ThreadPoolExecutor(1), max_running=0)

@@ -7,7 +7,9 @@ same kind of work, e.g. "text" encodes, or searches sharing collection/k/filters
 step the batch runs in two: ``run_batch`` (e.g. the ANN search, on the index thread) hands
 its output to ``finish(key, payloads, output) -> results`` on another pool (e.g. store
 reads and ranking, on reader threads), and the worker forms the next batch as soon as
-``run_batch`` returns; at most ``max_finishing`` batches are between the two. A request whose
+``run_batch`` returns; at most ``max_finishing`` batches are between the two. Without it,
+up to ``max_running`` batches run at once (one per thread of the executor, e.g. an encode
+lane's workers); the next batch is formed when one ends. A request whose
 caller went away (its deadline passed, the client cancelled) is dropped before the batch
 runs, so expired work costs nothing. More than ``max_queue`` waiting requests make
 ``submit`` raise ``QueueFull`` at once: the servicer answers RESOURCE_EXHAUSTED instead of
@@ -65,6 +67,9 @@ class MicroBatcher:
     max_finishing : int
         Most batches handed to ``finish`` and not yet done; the worker waits for one to
         end before starting another ``run_batch`` past that (back-pressure).
+    max_running : int
+        Without ``finish``: most batches in ``run_batch`` at once (give ``executor`` as
+        many threads); 1 runs them one after another.
     """
 
     def __init__(self, name: str, run_batch: Callable[[Hashable, list], Any],
@@ -72,15 +77,21 @@ class MicroBatcher:
                  on_batch: Callable[[str, int, float], None] | None = None, *,
                  finish: Callable[[Hashable, list, Any], Sequence[Any]] | None = None,
                  finish_executor: ThreadPoolExecutor | None = None,
-                 max_finishing: int = 2) -> None:
+                 max_finishing: int = 2, max_running: int = 1) -> None:
         if (finish is None) != (finish_executor is None):
             raise ValueError("finish and finish_executor must be given together")
         if max_finishing < 1:
             raise ValueError(f"max_finishing must be >= 1, got {max_finishing}")
+        if max_running < 1:
+            raise ValueError(f"max_running must be >= 1, got {max_running}")
+        if finish is not None and max_running != 1:
+            raise ValueError("max_running is for a batcher without finish (max_finishing)")
         self.name, self.run_batch, self.config = name, run_batch, config
         self.executor, self.on_batch = executor, on_batch
         self.finish, self.finish_executor = finish, finish_executor
         self._finishing = asyncio.Semaphore(max_finishing)
+        # several batches at once: each runs as a task holding a slot
+        self._running = asyncio.Semaphore(max_running) if max_running > 1 else None
         self._finish_tasks: set[asyncio.Task] = set()
         self._pending: collections.deque = collections.deque()
         self._recent: collections.deque = collections.deque(maxlen=8)  # last batch sizes
@@ -129,6 +140,8 @@ class MicroBatcher:
                 await self._wake.wait()
             if self.finish is not None:  # a finishing slot first: the batch grows meanwhile
                 await self._finishing.acquire()
+            elif self._running is not None:  # likewise a running slot
+                await self._running.acquire()
             key = self._pending[0][0]
             now = time.monotonic()
             deadline = now + self.config.max_wait_ms / 1000.0
@@ -155,10 +168,22 @@ class MicroBatcher:
                     rest.append(item)
             self._pending.extendleft(reversed(rest))
             live = [(p, f) for _, p, f in batch if not f.done()]  # cancelled: caller gone
-            if live:
+            if live and self._running is not None:
+                task = asyncio.get_running_loop().create_task(self._run_in_slot(key, live))
+                self._finish_tasks.add(task)
+                task.add_done_callback(self._finish_tasks.discard)
+            elif live:
                 await self._run(key, live)
             elif self.finish is not None:
                 self._finishing.release()
+            elif self._running is not None:
+                self._running.release()
+
+    async def _run_in_slot(self, key: Hashable, live: list) -> None:
+        try:
+            await self._run(key, live)
+        finally:
+            self._running.release()
 
     async def _run(self, key: Hashable, live: list) -> None:
         t0 = time.perf_counter()

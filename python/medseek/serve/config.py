@@ -107,6 +107,69 @@ class BatchConfig:
 
 
 @dataclass(frozen=True)
+class EncodeLane:
+    """One encode lane (``EncodeLanes``): its own encoder worker(s), decode threads and
+    bounded queue, so that work of one kind never waits behind another kind's.
+
+    Attributes
+    ----------
+    workers : int
+        Micro-batches of this lane encoded at once, each on its own thread.
+    decode_threads : int
+        Threads decoding this lane's uploads (pixels, de-identification, resampling).
+        Text needs none: it is decoded on the event loop (a UTF-8 check and a hash of at
+        most ``RequestBudget.max_text_bytes``).
+    max_queue : int, optional
+        Requests of this lane waiting at once (for a decode thread, or decoded and
+        waiting for the encoder); one more is refused with RESOURCE_EXHAUSTED naming the
+        lane, and nothing of the other lanes is touched. None: ``encode_batch.max_queue``.
+    nice : int
+        Scheduling niceness (0-19, Linux) of the lane's decode and encoder threads: a
+        heavy lane at 10 gives way on busy cores to the light lane's threads and the event
+        loop. Threads an encoder library starts from them (intra-op pools) inherit it.
+    """
+
+    workers: int = 1
+    decode_threads: int = 1
+    max_queue: int | None = None
+    nice: int = 0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers!r}")
+        if self.decode_threads < 1:
+            raise ValueError(f"decode_threads must be >= 1, got {self.decode_threads!r}")
+        if self.max_queue is not None and self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1 or None, got {self.max_queue!r}")
+        if not 0 <= self.nice <= 19:
+            raise ValueError(f"nice must be in [0, 19], got {self.nice!r}")
+
+
+@dataclass(frozen=True)
+class EncodeLanes:
+    """The encode lanes: ``text`` (queries and reports, also the hybrid report ranker's
+    text), ``image`` (images, image regions) and ``volume`` (volumes, volume chunks).
+    Each has its own workers, decode threads and queue (``EncodeLane``), so a light text
+    query never queues behind heavy image or volume work, and a full heavy lane refuses
+    its own requests only. Every lane micro-batches with ``ServeConfig.encode_batch``.
+    A table of tables in a config file: ``[encode_lanes.volume]`` ``max_queue = 16``.
+    """
+
+    text: EncodeLane = EncodeLane()
+    image: EncodeLane = EncodeLane(decode_threads=2, nice=10)
+    volume: EncodeLane = EncodeLane(decode_threads=2, max_queue=32, nice=10)
+
+    def __post_init__(self) -> None:
+        for name in ("text", "image", "volume"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, EncodeLane(**value))
+            elif not isinstance(value, EncodeLane):
+                raise ValueError(f"encode_lanes.{name} must be an EncodeLane or a table, "
+                                 f"got {value!r}")
+
+
+@dataclass(frozen=True)
 class PreprocessSpec:
     """How uploaded pixels become encoder input.
 
@@ -187,7 +250,13 @@ class ServeConfig:
     metrics_port : int, optional
         Prometheus metrics on 127.0.0.1:<port> (0 picks one); None: off.
     encode_batch, search_batch : BatchConfig
-        Micro-batching of the encoder and of the index (searches linger: 0.25).
+        Micro-batching of the encoder (each encode lane's) and of the index (searches
+        linger: 0.25).
+    encode_lanes : EncodeLanes
+        The encoder's lanes (text, image, volume): workers, decode threads and a bounded
+        queue each (defaults: 1 worker each; 2 decode threads for images and for
+        volumes, whose threads run at nice 10; the volume queue holds 32, the others
+        ``encode_batch.max_queue``).
     stream_window : int
         Requests of one ``SearchStream`` the server holds at once (read and not yet
         answered); it reads no further until one is answered, so a client streaming faster
@@ -232,6 +301,7 @@ class ServeConfig:
     grace_s: float = 10.0
     metrics_port: int | None = None
     encode_batch: BatchConfig = BatchConfig()
+    encode_lanes: EncodeLanes = EncodeLanes()
     search_batch: BatchConfig = BatchConfig(linger=0.25)
     search: SearchConfig = SearchConfig()
     stream_window: int = 32
@@ -289,7 +359,8 @@ class ServeConfig:
         return f"{self.host}:{self.port}"
 
 
-_SECTIONS = {"encode_batch": BatchConfig, "search_batch": BatchConfig,
+_SECTIONS = {"encode_batch": BatchConfig, "encode_lanes": EncodeLanes,
+             "search_batch": BatchConfig,
              "search": SearchConfig, "preprocess": PreprocessSpec, "limits": ReadLimits,
              "budget": RequestBudget}
 

@@ -1,23 +1,36 @@
 """Decoding and encoding for both services: uploaded content -> encoder input -> embeddings.
 
-Decoding (pixels, de-identification) runs on a pool of two threads; the encoder runs on
-one thread, fed by the encode micro-batcher, so concurrent queries and ingests share
-encoder batches. Also here: which route content takes to an encoder (the hybrid report
-ranker's text), and which pathway embeds image regions (``medseek.serve.regions``).
+Work is split into three lanes (``ServeConfig.encode_lanes``): text, image and volume.
+Each lane has its own decode threads (text is decoded on the event loop), its own encode
+micro-batcher and encoder worker thread(s), and its own bounded queue, so a light text
+query never waits behind an image or a volume being decoded or encoded, and a full heavy
+lane refuses its own requests (RESOURCE_EXHAUSTED naming the lane) and nobody else's.
+Within a lane, concurrent queries and ingests share encoder batches. Also here: which
+route content takes to an encoder (the hybrid report ranker's text), and which pathway
+embeds image regions (``medseek.serve.regions``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 
 from . import ingest as ing
 from . import regions as rp
-from .batcher import MicroBatcher
+from .batcher import MicroBatcher, QueueFull
 from .errors import decoding
+
+#: the lane of each encoder route (``Encoding.encode``) and of each decoded content kind
+LANE_OF = {"text": "text", "report_text": "text", "image": "image",
+           "image_regions": "image", "volume": "volume", "volume_chunks": "volume"}
+LANES = ("text", "image", "volume")
 
 
 async def run_in(pool: ThreadPoolExecutor, fn, *args):
@@ -25,8 +38,70 @@ async def run_in(pool: ThreadPoolExecutor, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
 
+class Lane:
+    """One encode lane: decode threads (none for text), an encode micro-batcher with its
+    worker thread(s), and the bound on the requests waiting in the lane.
+
+    Waiting = waiting for a decode thread, or decoded and waiting for the encoder; a
+    request past ``max_queue`` is refused with ``QueueFull`` naming the lane.
+    """
+
+    def __init__(self, name: str, spec, batch, run_batch, on_batch) -> None:
+        self.name = name
+        self.max_queue = spec.max_queue if spec.max_queue is not None else batch.max_queue
+        init = (functools.partial(_renice, spec.nice),)
+        self.decode_pool = (None if name == "text" else
+                            ThreadPoolExecutor(spec.decode_threads, f"medseek-decode-{name}",
+                                               *init))
+        self._decode_slots = asyncio.Semaphore(spec.decode_threads)
+        self.decode_waiting = 0
+        self.encode_pool = ThreadPoolExecutor(spec.workers, f"medseek-encode-{name}", *init)
+        self.batcher = MicroBatcher(f"encode_{name}", run_batch,
+                                    replace(batch, max_queue=self.max_queue),
+                                    self.encode_pool, on_batch, max_running=spec.workers)
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting in the lane (to be decoded, or to be encoded)."""
+        return self.decode_waiting + self.batcher.depth
+
+    def admit(self) -> None:
+        if self.depth >= self.max_queue:
+            raise QueueFull(f"encode {self.name} lane queue is full ({self.max_queue} "
+                            f"waiting); other lanes are not affected")
+
+    async def decode(self, fn, *args):
+        """``fn(*args)`` on this lane's decode threads (on the loop for text)."""
+        if self.decode_pool is None:
+            return fn(*args)
+        self.admit()
+        self.decode_waiting += 1
+        try:
+            await self._decode_slots.acquire()  # waiting here counts against max_queue
+        finally:
+            self.decode_waiting -= 1
+        try:
+            return await run_in(self.decode_pool, fn, *args)
+        finally:
+            self._decode_slots.release()
+
+    async def encode(self, key, payload):
+        try:
+            return await self.batcher.submit(key, payload)
+        except QueueFull:
+            raise QueueFull(f"encode {self.name} lane queue is full ({self.max_queue} "
+                            f"waiting); other lanes are not affected") from None
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        for pool in (self.decode_pool, self.encode_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+
+
 class Encoding:
-    """The decode pool, the encoder thread and its micro-batcher, and the region pathway.
+    """The encode lanes (decode threads, encoder workers and micro-batchers), and the
+    region pathway.
 
     Parameters
     ----------
@@ -48,10 +123,18 @@ class Encoding:
         self.region_pathway = rp.pathway_of(encoder)
         self.pathway_key = rp.meta_key(config.model, config.search.region_collection)
         self.stored_pathway = store.get_meta(self.pathway_key)
-        self.decode_pool = ThreadPoolExecutor(2, thread_name_prefix="medseek-decode")
-        self.encode_pool = ThreadPoolExecutor(1, thread_name_prefix="medseek-encode")
-        self.batcher = MicroBatcher("encode", self._encode_batch, config.encode_batch,
-                                    self.encode_pool, metrics.on_batch)
+        self.lanes = {name: Lane(name, getattr(config.encode_lanes, name),
+                                 config.encode_batch, self._encode_batch, metrics.on_batch)
+                      for name in LANES}
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting in all lanes (to be decoded, or to be encoded)."""
+        return sum(lane.depth for lane in self.lanes.values())
+
+    def start(self) -> None:
+        for lane in self.lanes.values():
+            lane.batcher.start()
 
     @property
     def chunked(self) -> bool:
@@ -63,22 +146,21 @@ class Encoding:
         rp.check_pathway(self.stored_pathway, self.region_pathway, field, self.pathway_key)
 
     async def close(self) -> None:
-        await self.batcher.close()
-        for pool in (self.decode_pool, self.encode_pool):
-            pool.shutdown(wait=True)
+        for lane in self.lanes.values():
+            await lane.close()
 
     # -- the event loop's side ------------------------------------------------------------
     async def decode(self, kind: str, value, field: str) -> ing.Decoded:
         t0 = time.perf_counter()
         c = self.config
-        dec = await run_in(self.decode_pool, _decode_content, kind, value, field,
-                           c.preprocess, c.limits, c.deid, c.budget)
+        dec = await self.lanes[LANE_OF[kind]].decode(
+            _decode_content, kind, value, field, c.preprocess, c.limits, c.deid, c.budget)
         self.metrics.stage.labels("decode").observe(time.perf_counter() - t0)
         return dec
 
     async def encode(self, kind: str, field: str, content):
-        """The embedding(s) of one input through the encode micro-batcher."""
-        return await self.batcher.submit(kind, (field, content))
+        """The embedding(s) of one input through its lane's encode micro-batcher."""
+        return await self.lanes[LANE_OF[kind]].encode(kind, (field, content))
 
     async def encode_chunked(self, dec: ing.Decoded, field: str):
         """One encoder pass over a decoded volume: its embeddings (``enc.volume``,
@@ -101,7 +183,7 @@ class Encoding:
                                           f"only text can be stored in or query it, not {kind}")
         return "report_text"
 
-    # -- the encoder thread ---------------------------------------------------------------
+    # -- the encoder threads (each runs one lane's batch at a time) -----------------------
     def _encode_batch(self, kind: str, payloads: list) -> list:
         """``payloads``: [(field, content)] of one kind -> [(dim,) or exception].
 
@@ -149,6 +231,15 @@ class Encoding:
         self.metrics.stage.labels("encode").observe(time.perf_counter() - t0)
         return [row if np.isfinite(row).all() else _nan(field)
                 for (field, _), row in zip(payloads, embs)]
+
+
+def _renice(nice: int) -> None:
+    """Lower this thread's scheduling priority by ``nice`` (Linux: niceness is per thread)."""
+    if nice and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:  # not permitted here: the lane runs at the process's priority
+            pass
 
 
 def _nan(field: str) -> ing.InvalidField:

@@ -1,8 +1,9 @@
 """The write side of the service: Ingest and Delete.
 
 An Ingest call's items are decoded and embedded concurrently (``Encoding``; their encodes
-share micro-batches), committed ``max_batch`` at a time on the index thread, and each is
-acknowledged only after its commit. A volume's chunks and organs are stored as its
+share micro-batches of their lane, and one call holds at most half a lane's queue),
+committed ``max_batch`` at a time on the index thread, and each is acknowledged only after
+its commit. A volume's chunks and organs are stored as its
 children, each with a half-open z-range ``[z0, z1)`` of slices of the volume as uploaded
 (``medseek.search.query``); an image's regions as children with a box.
 """
@@ -20,7 +21,7 @@ from medseek.search.rerank import organ_embedding
 
 from . import ingest as ing
 from . import regions as rp
-from .encoding import Encoding, run_in
+from .encoding import LANE_OF, Encoding, run_in
 from .errors import NotFound, Undecodable, classify
 from .v1 import retrieval_pb2 as pb
 
@@ -45,9 +46,12 @@ class IngestService:
         self.config, self.encoding, self.store, self.catalog = config, encoding, store, catalog
         self.metrics, self.index_pool, self.unavailable = metrics, index_pool, unavailable
         self.reader = store.reader()  # children of updated items (on the index thread)
-        # items of one Ingest call in flight at once: a batch, and at most half the queue
+        # items of one Ingest call in flight at once: a batch, and of each encode lane's
+        # items at most half its queue
         b = config.encode_batch
         self.ingest_batch = max(1, min(b.max_batch, b.max_queue // 2))
+        self.lane_batch = {name: max(1, min(b.max_batch, lane.max_queue // 2))
+                           for name, lane in encoding.lanes.items()}
         self.update_index_gauges()
 
     def close(self) -> None:
@@ -68,6 +72,7 @@ class IngestService:
         (bad content, a message that does not parse, an encoder or store failure); a
         failed item fails nothing else, so nothing committed goes without its ack."""
         resp, pending, n = pb.IngestResponse(), [], 0
+        in_lane: dict = {}  # pending items per encode lane
         try:
             try:
                 async for item in request_iterator:
@@ -76,11 +81,17 @@ class IngestService:
                     else:
                         if item.id and any(i == item.id for _, i, _ in pending):
                             await self._flush(pending, resp)  # a repeat: commit the first one
+                            in_lane.clear()
                         task = asyncio.ensure_future(self._prepare(item, n))
                         pending.append((n, item.id, task))
+                        lane = LANE_OF.get(item.WhichOneof("content"))
+                        if lane is not None:
+                            in_lane[lane] = in_lane.get(lane, 0) + 1
                     n += 1
-                    if len(pending) >= self.ingest_batch:
+                    if len(pending) >= self.ingest_batch or any(
+                            c >= self.lane_batch[k] for k, c in in_lane.items()):
                         await self._flush(pending, resp)
+                        in_lane.clear()
             except DecodeError:  # a stream read without the lenient deserializer ends here
                 pending.append((n, "", _failed(ing.InvalidField(
                     f"items[{n}]", "does not parse as medseek.v1.IngestItem; the items after "

@@ -316,7 +316,7 @@ class QueryService:
     def stats(self, request=None) -> pb.StatsResponse:
         s = self.store.stats()
         resp = pb.StatsResponse(last_seq=s["last_seq"], model=s["model"],
-                                encode_queue_depth=self.encoding.batcher.depth,
+                                encode_queue_depth=self.encoding.depth,
                                 search_queue_depth=self.batcher.depth)
         for name, dim in s["dims"].items():
             try:

@@ -2,8 +2,8 @@
 
 Each handler turns its request into a call of ``QueryService`` (Search, SearchStream,
 Diagnose, Get, Stats; query_service.py) or ``IngestService`` (Ingest, Delete;
-ingest_service.py), which share ``Encoding`` (encoding.py: decode pool, encoder thread and
-its micro-batcher) and one index thread (store writes, catalog syncs, ANN searches). This
+ingest_service.py), which share ``Encoding`` (encoding.py: the text, image and volume
+lanes, each with its decode threads, encoder worker(s) and micro-batcher) and one index thread (store writes, catalog syncs, ANN searches). This
 module adds what is gRPC's: each call's failure becomes a precise status
 (``errors.classify``), an unexpected error is INTERNAL for that call (or that request of a
 stream, that item of an Ingest) and the server keeps serving, latency is recorded per
@@ -74,14 +74,15 @@ class RetrievalService(pb_grpc.RetrievalServicer):
 
     @property
     def encode_batcher(self):
-        return self.encoding.batcher
+        """The encode lanes together (``depth``: requests waiting in all of them)."""
+        return self.encoding
 
     @property
     def search_batcher(self):
         return self.queries.batcher
 
     def start(self) -> None:
-        self.encode_batcher.start()
+        self.encoding.start()
         self.search_batcher.start()
 
     async def close(self) -> None:
@@ -108,7 +109,9 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     def _observe(self, method: str, code: grpc.StatusCode, t0: float) -> None:
         """Latency of one call (or one request of a stream) by status; queue depths."""
         self.metrics.rpc.labels(method, code.name).observe(time.perf_counter() - t0)
-        self.metrics.queue.labels("encode").set(self.encode_batcher.depth)
+        self.metrics.queue.labels("encode").set(self.encoding.depth)
+        for name, lane in self.encoding.lanes.items():
+            self.metrics.queue.labels(f"encode_{name}").set(lane.depth)
         self.metrics.queue.labels("search").set(self.search_batcher.depth)
 
     def _request_ids(self, ids) -> list[str]:

@@ -1,0 +1,152 @@
+"""Encode lanes (issue 13): text, image and volume work each have their own decode threads,
+encoder worker and bounded queue, so heavy work held in the encoder neither delays a light
+text query nor, once its lane is full, gets it refused. A real gRPC server, a real
+in-process encoder whose image and volume towers wait at a gate (nothing races a clock)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+
+import pytest
+
+grpc = pytest.importorskip("grpc")  # the [server] extra
+
+from medseek.serve.client import RetrievalClient  # noqa: E402
+from medseek.serve.config import (BatchConfig, EncodeLane, EncodeLanes, ServeConfig,  # noqa: E402
+                                  config_from_dict)
+from medseek.serve.local_encoder import LocalTorchEncoder  # noqa: E402
+from medseek.serve.server import ServerThread  # noqa: E402
+from medseek.serve.v1 import retrieval_pb2 as pb  # noqa: E402
+
+from test_serve_api import nifti_bytes, png_bytes  # noqa: E402
+
+CALL_TIMEOUT = 60.0  # generous: a text query must finish, however slow the machine
+
+
+class GatedHeavyEncoder:
+    """A real encoder whose image and volume towers wait at a gate while it is closed."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()  # a heavy batch waits at the closed gate
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def _wait(self) -> None:
+        if not self.gate.is_set():
+            self.entered.set()
+            self.gate.wait()
+
+    def encode_images(self, images):
+        self._wait()
+        return self._inner.encode_images(images)
+
+    def encode_volumes(self, volumes):
+        self._wait()
+        return self._inner.encode_volumes(volumes)
+
+    def encode_volume_chunks(self, volumes):
+        self._wait()
+        return self._inner.encode_volume_chunks(volumes)
+
+
+@pytest.fixture(scope="module")
+def gated():
+    return GatedHeavyEncoder(LocalTorchEncoder(seed=0))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, gated):
+    d = tmp_path_factory.mktemp("lanes")
+    cfg = ServeConfig(store_path=d / "store.db", index_dir=d / "index", port=0, grace_s=2.0,
+                      encode_batch=BatchConfig(max_wait_ms=0.0),
+                      encode_lanes=EncodeLanes(image=EncodeLane(max_queue=1),
+                                               volume=EncodeLane(max_queue=1)))
+    with ServerThread(cfg, gated) as s:
+        with RetrievalClient(f"127.0.0.1:{s.port}") as c:
+            c.ingest([pb.IngestItem(id="r-1", text="Large left pleural effusion."),
+                      pb.IngestItem(id="img-1", image=png_bytes("circle")),
+                      pb.IngestItem(id="vol-1", volume=nifti_bytes(1))])
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    with RetrievalClient(f"127.0.0.1:{server.port}") as c:
+        yield c
+
+
+def _wait_until(cond, what: str) -> None:
+    """Poll ``cond`` (state the test itself set up, not a timing race)."""
+    for _ in range(12000):
+        if cond():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"never: {what}")
+
+
+def _text_search(client):
+    return client.search(pb.SearchRequest(text="pleural effusion", k=1), timeout=CALL_TIMEOUT)
+
+
+@pytest.mark.parametrize("heavy", ["volume", "image"])
+def test_text_search_completes_while_heavy_lane_is_held(server, client, gated, heavy):
+    content = ({"volume": nifti_bytes(2)} if heavy == "volume"
+               else {"image": png_bytes("stripes")})
+    lane = server.server.service.encoding.lanes[heavy]
+    with cf.ThreadPoolExecutor(2) as pool:
+        gated.entered.clear()
+        gated.gate.clear()
+        try:
+            held = pool.submit(client.search, pb.SearchRequest(k=1, **content),
+                               timeout=CALL_TIMEOUT * 4)
+            assert gated.entered.wait(timeout=120), f"the {heavy} query never reached the encoder"
+            assert _text_search(client).hits[0].id == "r-1"  # not behind the held batch
+            assert not held.done()
+        finally:
+            gated.gate.set()  # also on a failure, or the pool would wait forever
+        assert held.result().hits
+    assert lane.depth == 0
+
+
+def test_full_volume_lane_is_resource_exhausted_and_text_still_works(server, client, gated):
+    lanes = server.server.service.encoding.lanes
+    with cf.ThreadPoolExecutor(2) as pool:
+        gated.entered.clear()
+        gated.gate.clear()
+        try:
+            held = pool.submit(client.search, pb.SearchRequest(volume=nifti_bytes(3), k=1),
+                               timeout=CALL_TIMEOUT * 4)
+            assert gated.entered.wait(timeout=120), "the volume query never reached the encoder"
+            queued = pool.submit(client.search, pb.SearchRequest(volume=nifti_bytes(4), k=1),
+                                 timeout=CALL_TIMEOUT * 4)
+            _wait_until(lambda: lanes["volume"].depth == 1 or queued.done(),
+                        "the second volume query waits in the volume lane")
+            assert not queued.done(), queued.exception()
+            with pytest.raises(grpc.RpcError) as err:  # the lane's queue (1) is full
+                client.search(pb.SearchRequest(volume=nifti_bytes(5), k=1),
+                              timeout=CALL_TIMEOUT)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "volume lane" in err.value.details()
+            # the other lanes neither wait nor refuse
+            assert _text_search(client).hits[0].id == "r-1"
+            assert lanes["text"].depth == 0
+        finally:
+            gated.gate.set()
+        assert held.result().hits and queued.result().hits
+    assert client.search(pb.SearchRequest(volume=nifti_bytes(5), k=1),
+                         timeout=CALL_TIMEOUT).hits
+
+
+def test_lanes_are_configured_from_a_table(tmp_path):
+    cfg = config_from_dict({"store_path": "s.db", "index_dir": "i",
+                            "encode_lanes": {"volume": {"workers": 2, "max_queue": 4}}},
+                           tmp_path)
+    assert cfg.encode_lanes.volume == EncodeLane(workers=2, max_queue=4)
+    assert cfg.encode_lanes.text == EncodeLane()
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        EncodeLanes(text={"workers": 0})
