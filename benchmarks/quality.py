@@ -140,8 +140,7 @@ def wrist_rows(args, train, test, local, site) -> tuple[list[str], dict]:
     from medseek.train.ablation import _patients
 
     corpus = Path(args.data)
-    first = local["region_diagnosis"]["majority"]
-    labels = first["labels"]
+    labels = local["region_diagnosis"]["majority"]["labels"]
     regions = [lab.removesuffix(" fracture") for lab in labels]
     archive = list(train.records)
     t0 = time.perf_counter()
@@ -156,12 +155,12 @@ def wrist_rows(args, train, test, local, site) -> tuple[list[str], dict]:
         hits = list(resp.hits)[:args.k]
         return np.mean([y_of[h.id] for h in hits], axis=0)
 
-    glob = search_all(site, [_in(image_request(corpus, r, args.k)) for r in recs], "kNN global")
+    glob = search_all(site, [_plain(image_request(corpus, r, args.k)) for r in recs], "kNN global")
     for q, resp in enumerate(glob):
         votes["global"][q] = vote(resp)
     for j, region in enumerate(regions):
         name = next(g.name for g in recs[0].regions if g.name.replace("_", " ") == region)
-        reranked = search_all(site, [_in(image_request(corpus, r, args.k, name)) for r in recs],
+        reranked = search_all(site, [_plain(image_request(corpus, r, args.k, name)) for r in recs],
                               f"kNN {region} rerank")
         for q, resp in enumerate(reranked):
             votes["region"][q, j] = vote(resp)[j]
@@ -176,7 +175,8 @@ def wrist_rows(args, train, test, local, site) -> tuple[list[str], dict]:
     return rows, {"region_diagnosis": served}
 
 
-def _in(req):
+def _plain(req):
+    """The request without diversification (the kNN vote is of the plain top k)."""
     req.diversify = False
     return req
 
