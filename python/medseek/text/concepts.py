@@ -113,17 +113,12 @@ def lateral_report_concepts(texts: Sequence[str]) -> np.ndarray:
         ``(N, len(lateral_concept_names()))`` float32 of 0/1; the first
         ``len(concept_names())`` columns equal :func:`report_concepts`.
     """
-    if isinstance(texts, str):
-        raise TypeError("texts must be a sequence of str, got a single str")
-    findings = concept_names()[:-1]
+    base = report_concepts(texts)  # (also refuses a single str)
     index = {name: i for i, name in enumerate(lateral_concept_names())}
     rows = np.zeros((len(texts), len(index)), dtype=np.float32)
-    for i, text in enumerate(texts):
-        evidences = extract_evidence(text)
-        vec = concept_vector(evidences, findings)  # as report_concepts
-        rows[i, : len(findings)] = vec
-        rows[i, len(findings)] = 0.0 if vec.any() else 1.0
-        for name, sides in finding_sides(evidences).items():
+    rows[:, : base.shape[1]] = base
+    for i, text in enumerate(texts):  # extract_evidence caches sentences: no second parse
+        for name, sides in finding_sides(extract_evidence(text)).items():
             for side in sides:
                 rows[i, index[f"{side} {name}"]] = 1.0
     return rows
