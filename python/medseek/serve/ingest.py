@@ -47,13 +47,19 @@ MAX_REGION_NAME_BYTES = 64
 RESERVED_ID_SEGMENTS = ("/region/", "/chunk/")
 
 
-def _printable_rule(value: str) -> str | None:
-    """Why ``value`` is not a printable string, or None."""
+def _check_name(value: str, field: str, max_bytes: int, what: str, empty: str) -> None:
+    """The rules item ids and region names share: non-empty (else ``empty``), at most
+    ``max_bytes`` of UTF-8, printable (no NUL or other control character)."""
+    if not value:
+        raise InvalidField(field, empty)
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise InvalidField(field, f"is {size} bytes of UTF-8, over the {max_bytes}-byte "
+                                  f"limit of {what}")
     for i, ch in enumerate(value):
         if not ch.isprintable():
-            return (f"must be printable: character {i} is U+{ord(ch):04X} (a NUL or control "
-                    f"character)")
-    return None
+            raise InvalidField(field, f"must be printable: character {i} is U+{ord(ch):04X} "
+                                      f"(a NUL or control character)")
 
 
 def check_item_id(item_id: str, field: str) -> None:
@@ -64,15 +70,7 @@ def check_item_id(item_id: str, field: str) -> None:
     found by a search but never fetched or erased); no leading or trailing whitespace; none
     of the ``RESERVED_ID_SEGMENTS`` of the server's own children. The message quotes no id.
     """
-    if not item_id:
-        raise InvalidField(field, "is required")
-    size = len(item_id.encode("utf-8", "surrogatepass"))
-    if size > MAX_ID_BYTES:
-        raise InvalidField(field, f"is {size} bytes of UTF-8, over the {MAX_ID_BYTES}-byte "
-                                  f"limit of an item id")
-    why = _printable_rule(item_id)
-    if why is not None:
-        raise InvalidField(field, why)
+    _check_name(item_id, field, MAX_ID_BYTES, "an item id", "is required")
     if item_id != item_id.strip():
         raise InvalidField(field, "must not start or end with whitespace")
     for segment in RESERVED_ID_SEGMENTS:
@@ -84,15 +82,7 @@ def check_item_id(item_id: str, field: str) -> None:
 def check_region_name(name: str, field: str) -> None:
     """Refuse a region name that would make a bad child id (``<parent>/region/<name>``):
     empty, over ``MAX_REGION_NAME_BYTES`` UTF-8 bytes, not printable, or holding a '/'."""
-    if not name:
-        raise InvalidField(field, "must be non-empty")
-    size = len(name.encode("utf-8", "surrogatepass"))
-    if size > MAX_REGION_NAME_BYTES:
-        raise InvalidField(field, f"is {size} bytes of UTF-8, over the "
-                                  f"{MAX_REGION_NAME_BYTES}-byte limit of a region name")
-    why = _printable_rule(name)
-    if why is not None:
-        raise InvalidField(field, why)
+    _check_name(name, field, MAX_REGION_NAME_BYTES, "a region name", "must be non-empty")
     if "/" in name:
         raise InvalidField(field, "must not contain '/' (it becomes part of the child's id)")
 
