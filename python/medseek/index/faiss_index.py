@@ -127,6 +127,13 @@ class FaissIndex:
     def is_trained(self) -> bool:
         return bool(self._cpu.is_trained)
 
+    @property
+    def scores_exact(self) -> bool:
+        """True when ``search`` returns exact cosines (flat, and HNSW, which keeps the full
+        vectors: only its recall is approximate); False for IVF-PQ, whose scores come from
+        the PQ codes, so a caller holding the vectors should re-score its candidates."""
+        return self.config.kind != "ivfpq"
+
     def __len__(self) -> int:
         return int(self._cpu.ntotal) - self._dead
 

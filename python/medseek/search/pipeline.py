@@ -184,8 +184,12 @@ class SearchPipeline:
         t = time.perf_counter()
         valid = batch.keys >= 0
         cands = self.reader.candidates(np.unique(batch.keys[valid]))  # sorted by row key
+        # an index scoring from compressed codes (IVF-PQ, Milvus PQ/SQ) is re-scored exactly
+        # from the store's vectors, which the candidates carry anyway
+        rescore = not getattr(self.catalog.index(collection), "scores_exact", True)
         per_query = [_query_candidates(cands, collection, batch.keys[qi][valid[qi]],
-                                       batch.scores[qi][valid[qi]])
+                                       batch.scores[qi][valid[qi]],
+                                       queries[qi] if rescore else None)
                      for qi in range(n_q)]
         shared_fetch = time.perf_counter() - t
         # rerank: one read for the region (and chunk) children of every live candidate
@@ -316,9 +320,12 @@ class SearchPipeline:
 
 
 def _query_candidates(cands: Candidates, collection: str, keys: np.ndarray,
-                      scores: np.ndarray) -> QueryCandidates | None:
+                      scores: np.ndarray, rescore_with: np.ndarray | None = None,
+                      ) -> QueryCandidates | None:
     """One query's live candidates out of the batch's read, in the ANN's order; None when
-    none is live."""
+    none is live. With ``rescore_with`` (the query vector), the global scores are the exact
+    cosines of the stored embeddings instead of the index's, and the candidates are put in
+    their order."""
     found = cands.row_keys
     at = np.searchsorted(found, keys)
     hit = at < found.size
@@ -330,13 +337,17 @@ def _query_candidates(cands: Candidates, collection: str, keys: np.ndarray,
     if not live.any():
         return None
     rows = rows[live]
+    global_scores = scores[np.flatnonzero(hit)[live]].astype(np.float64)  # (K',)
+    if rescore_with is not None:
+        global_scores = cands.embeddings[rows].astype(np.float64) @ rescore_with.astype(np.float64)
+        order = np.argsort(-global_scores, kind="stable")
+        rows, global_scores = rows[order], global_scores[order]
     rl = rows.tolist()
     return QueryCandidates(
         ids=[cands.ids[r] for r in rl],
         provenance={key: [values[r] for r in rl] for key, values in cands.provenance.items()},
         row_keys=cands.row_keys[rows], embeddings=cands.embeddings[rows],
-        global_scores=scores[np.flatnonzero(hit)[live]].astype(np.float64),  # (K',)
-        stale=stale)
+        global_scores=global_scores, stale=stale)
 
 
 def _hits(c: QueryCandidates, r: Ranking, region: RegionQuery | None, records: dict,

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from medseek.index.faiss_config import FaissConfig, MilvusConfig
 from medseek.io import DeidConfig, ReadLimits
 from medseek.search import SearchConfig
 
@@ -235,6 +236,15 @@ class ServeConfig:
     insecure_public : bool
         Allow a non-loopback ``host`` with neither tokens nor TLS (anyone who reaches the
         port can read and erase the archive); the CLI's ``--insecure-public``.
+    index : FaissConfig or MilvusConfig
+        The ANN index of every collection: exact ``flat`` (default), ``hnsw`` or ``ivfpq``
+        FAISS (moved to a GPU when FAISS sees one, ``use_gpu``), or a Milvus server
+        (``kind = "milvus"`` with its ``uri``). Candidates of an index that scores from
+        compressed codes (IVF-PQ, Milvus PQ/SQ) are re-scored exactly from the store's
+        vectors. In a config file: an ``index`` table with ``kind`` and that kind's fields.
+    index_per_collection : mapping of str to FaissConfig or MilvusConfig
+        Overrides by collection name, e.g. an exact index for a small ``report``
+        collection beside an HNSW ``image`` one.
     model : str
         Embedding model tag of the store's vectors.
     tokens : tuple of str
@@ -313,8 +323,14 @@ class ServeConfig:
     budget: RequestBudget = RequestBudget()
     report_ranker: str | None = None
     insecure_public: bool = False
+    index: FaissConfig | MilvusConfig = FaissConfig()
+    index_per_collection: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for cfg in (self.index, *self.index_per_collection.values()):
+            if not isinstance(cfg, (FaissConfig, MilvusConfig)):
+                raise ValueError(f"index must be a FaissConfig or MilvusConfig, got {cfg!r}")
+        object.__setattr__(self, "index_per_collection", dict(self.index_per_collection))
         if self.report_ranker not in (None, "hybrid", "joint"):
             raise ValueError(f"report_ranker must be 'hybrid', 'joint' or None, "
                              f"got {self.report_ranker!r}")
@@ -365,6 +381,38 @@ _SECTIONS = {"encode_batch": BatchConfig, "encode_lanes": EncodeLanes,
              "budget": RequestBudget}
 
 
+def index_config(raw: dict, where: str = "index",
+                 base: Path | None = None) -> FaissConfig | MilvusConfig:
+    """The index config of a table ``{kind = "flat" | "hnsw" | "ivfpq" | "milvus", ...}``:
+    the other keys are that kind's fields (``FaissConfig`` or ``MilvusConfig``). A Milvus
+    ``token_file`` is read, never an inline token; it and a milvus-lite ``.db`` path are
+    taken relative to ``base``."""
+    base = Path.cwd() if base is None else Path(base)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a table/object with a 'kind', got {raw!r}")
+    raw = dict(raw)
+    kind = raw.get("kind", "flat")
+    cls = MilvusConfig if kind == "milvus" else FaissConfig
+    if cls is MilvusConfig:
+        raw.pop("kind")
+        if "token" in raw:
+            raise ValueError(f"{where}: give the Milvus credentials as token_file, not inline")
+        if "token_file" in raw:
+            raw["token"] = (base / raw.pop("token_file")).read_text().strip()
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown} for kind {kind!r}; known: "
+                         f"{sorted(known - {'token'})}")
+    try:
+        cfg = cls(**raw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    if isinstance(cfg, MilvusConfig) and cfg.is_local:
+        cfg = replace(cfg, uri=str(base / cfg.uri))
+    return cfg
+
+
 def config_from_dict(raw: dict, base_dir: Path | None = None, **overrides) -> ServeConfig:
     """A ``ServeConfig`` from a JSON/TOML mapping.
 
@@ -382,7 +430,14 @@ def config_from_dict(raw: dict, base_dir: Path | None = None, **overrides) -> Se
         raise ValueError(f"unknown serve config keys {unknown}; known: {sorted(known)}")
     kwargs = {}
     for key, value in raw.items():
-        if key in _SECTIONS:
+        if key == "index":
+            kwargs[key] = index_config(value, "index", base)
+        elif key == "index_per_collection":
+            if not isinstance(value, dict):
+                raise ValueError(f"index_per_collection must be a table/object, got {value!r}")
+            kwargs[key] = {name: index_config(v, f"index_per_collection.{name}", base)
+                           for name, v in value.items()}
+        elif key in _SECTIONS:
             if not isinstance(value, dict):
                 raise ValueError(f"{key} must be a table/object, got {value!r}")
             kwargs[key] = (replace(SERVE_LIMITS, **value) if key == "limits"

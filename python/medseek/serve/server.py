@@ -156,7 +156,8 @@ def create_server(config: ServeConfig, encoder, *,
     """
     store = Store(StoreConfig(config.store_path, model=config.model))
     try:
-        catalog = Catalog(store, CatalogConfig(config.index_dir))
+        catalog = Catalog(store, CatalogConfig(config.index_dir, config.index,
+                                               config.index_per_collection))
         opened = catalog.open()
         log.info("catalog opened: %d collections", len(opened))
         reports = resolve_report_ranker(store, config.report_ranker, encoder.dim,
