@@ -11,6 +11,8 @@ corrupt, truncated or inconsistent.
 * :func:`read_nifti` - ``.nii``/``.nii.gz`` -> :class:`Volume` in the canonical layout.
 * :func:`read_volume` - either of the two above, chosen by content.
 * :func:`deidentify` - PS3.15 Basic Profile on a pydicom dataset, keyed by :class:`DeidConfig`.
+* :func:`discover` / :func:`group_dicom` - DICOM as a PACS exports it (folder, zip,
+  DICOMDIR; files found by content) grouped by study and series into ingest items.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 from typing import Sequence
 
 from .deid import BASIC_PROFILE, DeidConfig, DeidRecord, deidentify
+from .dicom_groups import DicomGrouping, DicomItem, SkippedFile, discover, group_dicom
 from .errors import LimitExceededError, MedicalImageError
 from .images import read_image
 from .limits import ReadLimits
@@ -31,12 +34,17 @@ __all__ = [
     "BASIC_PROFILE",
     "DeidConfig",
     "DeidRecord",
+    "DicomGrouping",
+    "DicomItem",
     "Image2D",
     "LimitExceededError",
     "MedicalImageError",
     "ReadLimits",
+    "SkippedFile",
     "Volume",
     "deidentify",
+    "discover",
+    "group_dicom",
     "read_dicom_series",
     "read_image",
     "read_nifti",
