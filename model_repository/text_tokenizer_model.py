@@ -1,11 +1,13 @@
-"""Triton python-backend model: report text (UTF-8 bytes) -> MiniLM token ids and mask.
+"""Triton python-backend model: report text (UTF-8 bytes) -> token ids and mask.
 
 ``medseek export`` copies this file as ``text_tokenizer/<version>/model.py`` next to
 ``tokenizer.json`` and ``spec.json``. The rules match
 ``medseek.encoders.preprocess.load_tokenizer`` / ``tokenize`` (the in-process path):
 truncate at ``max_length`` tokens ([CLS] and [SEP] included), pad with id 0 to the
-longest text of the request. Config parsed once; one response per request; a text that
-is not UTF-8 gets an error response, never an exception out of ``execute``.
+longest text of the request (or with the pad token and to the length that spec.json's
+``tokenizer`` names: a Hugging Face CLIP/SigLIP checkpoint's own rules). Config parsed
+once; one response per request; a text that is not UTF-8 gets an error response, never
+an exception out of ``execute``.
 """
 
 import json
@@ -30,7 +32,11 @@ class TritonPythonModel:
         self.max_length = int(spec["max_length"])
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tokenizer.enable_truncation(self.max_length)
-        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        # spec "tokenizer": a checkpoint's own padding (medseek.export.hf), else MiniLM's
+        pad = spec.get("tokenizer") or {}
+        self.tokenizer.enable_padding(
+            pad_id=int(pad.get("pad_id", 0)), pad_token=str(pad.get("pad_token", "[PAD]")),
+            length=self.max_length if pad.get("to_max_length") else None)
 
     def execute(self, requests):
         responses = []

@@ -49,6 +49,13 @@ class EncoderSpec:
     target_spacing : (z, y, x) mm volumes were resampled to in training (volume models;
         None in specs written before it was recorded)
     window : (center, width) HU volumes were windowed with in training (volume models)
+    has_text : the model has a text tower (``text`` graph and ``tokenizer.json``); False
+        for an image-only model (a DINOv2 checkpoint, :mod:`medseek.export.hf`), whose
+        encoders refuse texts
+    tokenizer : how texts are padded, when not as MiniLM's (pad id 0 "[PAD]", batches
+        padded to their longest text): ``{"pad_id": int, "pad_token": str,
+        "to_max_length": bool}`` (SigLIP pools the last position, so it pads every text to
+        ``max_length``)
     """
 
     embed_dim: int
@@ -66,6 +73,8 @@ class EncoderSpec:
     region_head: bool = False
     target_spacing: tuple[float, float, float] | None = None
     window: tuple[float, float] | None = None
+    has_text: bool = True
+    tokenizer: dict | None = None
 
     def __post_init__(self) -> None:
         if self.modality not in ("image", "volume"):
@@ -90,6 +99,11 @@ class EncoderSpec:
             raise TypeError(f"region_head must be a bool, got {self.region_head!r}")
         if self.region_head and self.modality != "image":
             raise ValueError(f"region_head is for image models, got a {self.modality} spec")
+        if not isinstance(self.has_text, bool):
+            raise TypeError(f"has_text must be a bool, got {self.has_text!r}")
+        if self.has_text and (not isinstance(self.max_length, int) or self.max_length < 2):
+            raise ValueError(f"max_length must be an int >= 2 for a model with a text tower, "
+                             f"got {self.max_length!r}")
 
     @classmethod
     def from_model(cls, model) -> "EncoderSpec":
@@ -217,6 +231,12 @@ class GraphEncoder:
     def concept_bank(self):
         """The served model's calibrated finding concepts (None when it has none)."""
         return spec_concept_bank(self.spec)
+
+    @property
+    def encodes_text(self) -> bool:
+        """False for an image-only model: :meth:`encode_texts` raises, and the service
+        refuses text bound for this encoder instead of calling it."""
+        return self.spec.has_text
 
     def run_graph(self, graph: str, inputs: dict, outputs: list[str]) -> list[np.ndarray]:
         raise NotImplementedError

@@ -95,14 +95,19 @@ def check_texts(texts) -> list[str]:
     return list(texts)
 
 
-def load_tokenizer(path: str | Path, max_length: int):
+def load_tokenizer(path: str | Path, max_length: int, padding: dict | None = None):
     """The HF ``tokenizers`` tokenizer of ``tokenizer.json``, truncating at ``max_length``
-    and padding each batch to its longest text (pad id 0, as MiniLM's)."""
+    and padding each batch to its longest text with id 0 "[PAD]" (MiniLM's), or as
+    ``padding`` says (an :class:`EncoderSpec`'s ``tokenizer``: ``pad_id``, ``pad_token``,
+    and ``to_max_length`` to pad every text to ``max_length``, as SigLIP was trained)."""
     from tokenizers import Tokenizer
 
+    pad = padding or {}
     tok = Tokenizer.from_file(str(path))
     tok.enable_truncation(int(max_length))
-    tok.enable_padding(pad_id=0, pad_token="[PAD]")
+    tok.enable_padding(pad_id=int(pad.get("pad_id", 0)),
+                       pad_token=str(pad.get("pad_token", "[PAD]")),
+                       length=int(max_length) if pad.get("to_max_length") else None)
     return tok
 
 

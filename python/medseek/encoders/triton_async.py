@@ -1,7 +1,7 @@
 """asyncio Triton encoder (``tritonclient.grpc.aio``) for async front ends.
 
-Same models, preprocessing, batching, deadlines, retries and errors as
-:class:`~medseek.encoders.TritonEncoder`; the requests of one call run concurrently on
+Same models (``cfg.model_prefix`` included), preprocessing, batching, deadlines, retries
+and errors as :class:`~medseek.encoders.TritonEncoder`; the requests of one call run concurrently on
 the event loop (``asyncio.gather``) instead of a thread pool, and retries wait with
 ``asyncio.sleep``, so a slow or restarting server never blocks the loop.
 
@@ -17,10 +17,10 @@ import time
 import numpy as np
 
 from .base import EncoderInputError, EncoderSpec, VolumeChunks
-from .onnxrt import MODEL_NAMES
 from .preprocess import (batches, check_image_regions, check_images, check_texts,
                          chunk_z_ranges, group_chunks, volume_tokens)
-from .triton_client import CHANNEL_ARGS, TritonEncoderConfig, make_request, retry_delay_or_raise
+from .triton_client import (CHANNEL_ARGS, TEXT_MODEL, TritonEncoderConfig, make_request,
+                            retry_delay_or_raise)
 
 
 class AsyncTritonEncoder:
@@ -58,7 +58,8 @@ class AsyncTritonEncoder:
     async def _batched(self, graph: str, inputs: dict, outputs: list[str]) -> list[np.ndarray]:
         n = next(iter(inputs.values())).shape[0]
         parts = await asyncio.gather(*(
-            self._infer(MODEL_NAMES[graph], {k: v[s] for k, v in inputs.items()}, outputs)
+            self._infer(self.cfg.graph_model(graph), {k: v[s] for k, v in inputs.items()},
+                        outputs)
             for s in batches(n, self.cfg.batch_size)))
         return [np.concatenate([p[i] for p in parts]) for i in range(len(outputs))]
 
@@ -82,7 +83,8 @@ class AsyncTritonEncoder:
     async def encode_texts(self, texts) -> np.ndarray:
         texts = check_texts(texts)
         raw = np.array([[t.encode("utf-8")] for t in texts], dtype=object)  # (B, 1)
-        parts = await asyncio.gather(*(self._infer("text_ensemble", {"TEXT": raw[s]}, ["embeddings"])
+        parts = await asyncio.gather(*(self._infer(self.cfg.model(TEXT_MODEL), {"TEXT": raw[s]},
+                                                   ["embeddings"])
                                        for s in batches(len(texts), self.cfg.batch_size)))
         return np.concatenate([p[0] for p in parts])
 

@@ -18,23 +18,42 @@ With ``shared_memory_bytes`` set, requests larger than that pass their inputs th
 system shared-memory region registered with the server for the request (client and
 server on one host); outputs (small) come back in the gRPC message. The asyncio variant
 always sends tensors in the message.
+
+Model names: a repository exported with ``--name-prefix wrist_`` serves
+``wrist_image_encoder``, ``wrist_text_ensemble``, ...; ``TritonEncoderConfig(model_prefix=
+"wrist_")`` talks to those, so one tritonserver can serve several medseek models (each
+export's ``spec.json`` records its prefix: :func:`spec_model_prefix`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .base import (EncoderError, EncoderInputError, EncoderSpec, EncoderTimeout,
                    EncoderUnavailable, GraphEncoder)
-from .onnxrt import MODEL_NAMES
+from .onnxrt import MODEL_NAMES, check_model_prefix
 from .preprocess import batches, check_texts
 
 _TRITON_DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32",
                   np.dtype(np.int64): "INT64", np.dtype(bool): "BOOL", np.dtype(object): "BYTES"}
+# the model clients send raw text to (tokenizer + text_encoder inside the server)
+TEXT_MODEL = "text_ensemble"
+
+
+def spec_model_prefix(spec_path: str | Path) -> str:
+    """The ``model_prefix`` an export recorded in its ``spec.json`` ("" when none: exports
+    made before prefixes existed served the bare names)."""
+    spec_path = Path(spec_path)
+    if not spec_path.is_file():
+        raise FileNotFoundError(f"spec file not found: {spec_path}")
+    raw = json.loads(spec_path.read_text())
+    return check_model_prefix(raw.get("model_prefix", ""), f"model_prefix of {spec_path}")
 
 
 @dataclass(frozen=True)
@@ -47,7 +66,9 @@ class TritonEncoderConfig:
         ``max_backoff`` seconds
     version : model version ("" = the server's choice)
     shared_memory_bytes : requests whose inputs exceed this many bytes pass them through
-        system shared memory (client and server on one host; large volumes); None = never"""
+        system shared memory (client and server on one host; large volumes); None = never
+    model_prefix : the repository's name prefix (``medseek export --name-prefix``): the
+        models called are ``<model_prefix>image_encoder`` etc.; "" = the bare names"""
 
     url: str
     batch_size: int = 16
@@ -58,8 +79,10 @@ class TritonEncoderConfig:
     max_backoff: float = 2.0
     version: str = ""
     shared_memory_bytes: int | None = None
+    model_prefix: str = ""
 
     def __post_init__(self) -> None:
+        check_model_prefix(self.model_prefix)
         if self.shared_memory_bytes is not None and self.shared_memory_bytes < 0:
             raise ValueError(f"shared_memory_bytes must be >= 0 or None, got {self.shared_memory_bytes!r}")
         if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 32:
@@ -73,6 +96,14 @@ class TritonEncoderConfig:
         if not 0 < self.backoff <= self.max_backoff:
             raise ValueError(
                 f"backoff must be in (0, max_backoff={self.max_backoff}], got {self.backoff!r}")
+
+    def model(self, name: str) -> str:
+        """The served name of repository model ``name`` (``"image_encoder"``)."""
+        return f"{self.model_prefix}{name}"
+
+    def graph_model(self, graph: str) -> str:
+        """The served model of exported graph ``graph`` (``"image"``, ``"chunks"``, ...)."""
+        return self.model(MODEL_NAMES[graph])
 
 
 def make_request(grpc_module, inputs: dict, outputs: list[str]):
@@ -194,7 +225,7 @@ class TritonEncoder(GraphEncoder):
             shm.destroy_shared_memory_region(handle)
 
     def run_graph(self, graph: str, inputs: dict, outputs: list[str]) -> list[np.ndarray]:
-        return self._infer(MODEL_NAMES[graph], inputs, outputs)
+        return self._infer(self.cfg.graph_model(graph), inputs, outputs)
 
     def _batched(self, graph: str, inputs: dict, outputs: list[str]) -> list[np.ndarray]:
         """Requests of ``batch_size`` rows, ``max_in_flight`` of them at a time."""
@@ -210,7 +241,7 @@ class TritonEncoder(GraphEncoder):
         texts = check_texts(texts)
         raw = np.array([[t.encode("utf-8")] for t in texts], dtype=object)  # (B, 1)
         parts = list(self._pool.map(
-            lambda s: self._infer("text_ensemble", {"TEXT": raw[s]}, ["embeddings"])[0],
+            lambda s: self._infer(self.cfg.model(TEXT_MODEL), {"TEXT": raw[s]}, ["embeddings"])[0],
             batches(len(texts), self.batch_size)))
         return np.concatenate(parts)
 
@@ -226,8 +257,15 @@ class TritonEncoder(GraphEncoder):
             return False
 
     def statistics(self, model: str) -> dict:
-        """The server's inference statistics of ``model`` (JSON form)."""
-        return self.client.get_inference_statistics(model, as_json=True)
+        """The server's inference statistics of repository model ``model`` (bare name,
+        ``"image_encoder"``; the prefix is added), JSON form."""
+        return self.client.get_inference_statistics(self.cfg.model(model), as_json=True)
+
+    def metadata(self, model: str) -> dict:
+        """The server's metadata (inputs, outputs, shapes) of repository model ``model``
+        (bare name; the prefix is added), JSON form."""
+        return self.client.get_model_metadata(self.cfg.model(model), as_json=True,
+                                              client_timeout=self.cfg.client_timeout)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -17,7 +17,9 @@ file               inputs                                                  outpu
 
 B is dynamic everywhere; N (tokens per chunk), C (chunks per volume), R (boxes per image)
 and T (tokens per text) are dynamic too. H and W are fixed at the model's ``preprocess.image_size`` (the
-preprocessing resizes every radiograph to it). Every embedding is L2-normalised.
+preprocessing resizes every radiograph to it). Every other axis (channels, P, widths, dim) is
+fixed in the graph's inputs and outputs, so the Triton configs written from these shapes
+report them. Every embedding is L2-normalised.
 
 A volume embedding is two graphs: the chunk encoder (one row per chunk, so a volume's
 chunks batch with other volumes' chunks) and the small attention-pooling graph over a
@@ -369,20 +371,19 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(den, 1e-30)
 
 
-def verify_graph(path: Path, name: str, model, cfg: ExportConfig) -> float:
-    """Run ``path`` in ONNX Runtime and the torch module on fresh inputs; return the worst
-    cosine. Raises :class:`ExportCheckError` below ``cfg.min_cosine``."""
+def compare_to_torch(path: Path, module: nn.Module, input_sets, in_names: list[str],
+                     out_names: list[str], min_cosine: float) -> float:
+    """Run the ONNX file ``path`` in ONNX Runtime and ``module`` in torch on each tuple of
+    ``input_sets``; return the worst row cosine. Raises :class:`ExportCheckError` when a
+    shape differs or a cosine is below ``min_cosine`` (NaN included)."""
     import onnxruntime as ort
 
-    wrapper_cls, _, in_names, out_names, _ = _GRAPHS[name]
-    module = wrapper_cls(model).eval()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
     worst = 1.0
-    for batch in cfg.check_batches:
-        inputs = _fresh_inputs(name, model, batch, gen)
+    for inputs in input_sets:
+        batch = inputs[0].shape[0]
         with torch.inference_mode():
             ref = module(*inputs)
         ref = ref if isinstance(ref, tuple) else (ref,)
@@ -394,13 +395,46 @@ def verify_graph(path: Path, name: str, model, cfg: ExportConfig) -> float:
                     f"{tuple(r.shape)} in torch (batch {batch})"
                 )
             cos = float(_row_cosines(g, r.numpy()).min())
-            if not cos >= cfg.min_cosine:  # also catches NaN
+            if not cos >= min_cosine:  # also catches NaN
                 raise ExportCheckError(
                     f"{path.name}: output {out_name} cosine to torch is {cos:.6f} < "
-                    f"min_cosine {cfg.min_cosine} (batch {batch})"
+                    f"min_cosine {min_cosine} (batch {batch})"
                 )
             worst = min(worst, cos)
     return worst
+
+
+def verify_graph(path: Path, name: str, model, cfg: ExportConfig) -> float:
+    """Run ``path`` in ONNX Runtime and the torch module on fresh inputs; return the worst
+    cosine. Raises :class:`ExportCheckError` below ``cfg.min_cosine``."""
+    wrapper_cls, _, in_names, out_names, _ = _GRAPHS[name]
+    module = wrapper_cls(model).eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    input_sets = [_fresh_inputs(name, model, batch, gen) for batch in cfg.check_batches]
+    return compare_to_torch(path, module, input_sets, in_names, out_names, cfg.min_cosine)
+
+
+def trace_onnx(module: nn.Module, args: tuple, path: Path, in_names: list[str],
+               out_names: list[str], axes: dict, opset: int) -> None:
+    """Trace ``module`` on ``args`` into the ONNX file ``path`` (TorchScript exporter,
+    constant folding on); ``axes`` names the dynamic axes of each input and output, every
+    other output axis is written as the traced size (:func:`fix_output_dims`)."""
+    with warnings.catch_warnings():
+        # The models' shape checks are Python conditions the tracer evaluates once;
+        # the callers re-run the graph on other shapes, so they are safe to ignore.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # torch announces the deprecation of the TorchScript exporter we must use (no onnxscript)
+        warnings.filterwarnings("ignore", category=DeprecationWarning,
+                                message="You are using the legacy TorchScript-based ONNX export")
+        # ... and deprecates helpers inside it ("The feature will be removed")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
+        with torch.inference_mode():
+            torch.onnx.export(module, args, str(path), input_names=in_names,
+                              output_names=out_names, dynamic_axes=axes,
+                              opset_version=opset, dynamo=False, do_constant_folding=True)
+            traced = module(*args)
+    traced = traced if isinstance(traced, tuple) else (traced,)
+    fix_output_dims(path, {n: tuple(t.shape) for n, t in zip(out_names, traced)}, axes)
 
 
 def export_graph(model, name: str, path: str | Path, cfg: ExportConfig = ExportConfig()) -> float:
@@ -419,21 +453,33 @@ def export_graph(model, name: str, path: str | Path, cfg: ExportConfig = ExportC
     else:
         module = wrapper_cls(model).eval()
     gen = torch.Generator().manual_seed(cfg.seed)
-    args = make(model, 2, gen)
-    with warnings.catch_warnings():
-        # The models' shape checks are Python conditions the tracer evaluates once;
-        # verify_graph below re-runs the graph on other shapes, so they are safe to ignore.
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        # torch announces the deprecation of the TorchScript exporter we must use (no onnxscript)
-        warnings.filterwarnings("ignore", category=DeprecationWarning,
-                                message="You are using the legacy TorchScript-based ONNX export")
-        # ... and deprecates helpers inside it ("The feature will be removed")
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
-        with torch.inference_mode():
-            torch.onnx.export(module, args, str(path), input_names=in_names,
-                              output_names=out_names, dynamic_axes=axes,
-                              opset_version=cfg.opset, dynamo=False, do_constant_folding=True)
+    trace_onnx(module, make(model, 2, gen), path, in_names, out_names, axes, cfg.opset)
     return verify_graph(path, name, model, cfg)
+
+
+def fix_output_dims(path: Path, shapes: dict[str, tuple[int, ...]],
+                    axes: dict[str, dict[int, str]]) -> None:
+    """Write the traced size into every output axis not declared dynamic in ``axes``.
+
+    The tracer leaves some fixed output axes symbolic (the embedding width after the L2
+    normalisation's ``Div`` comes out as ``Divembeddings_dim_1``), and the Triton config's
+    dims are read from these shapes (:mod:`medseek.export.repository`): a fixed width must
+    say so. The callers then run other batch sizes and lengths against torch (a shape
+    mismatch is an :class:`ExportCheckError`), so a wrongly fixed axis fails the export.
+    """
+    import onnx
+
+    proto = onnx.load(str(path))
+    changed = False
+    for out in proto.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        for axis, dim in enumerate(dims):
+            if axis in axes.get(out.name, {}) or dim.HasField("dim_value"):
+                continue
+            dim.dim_value = int(shapes[out.name][axis])  # clears the symbolic dim_param
+            changed = True
+    if changed:
+        onnx.save(proto, str(path))
 
 
 def export_onnx(model, out_dir: str | Path, cfg: ExportConfig = ExportConfig()) -> dict[str, Path]:

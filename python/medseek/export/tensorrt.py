@@ -105,14 +105,15 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path,
 
 
 def build_engines(repo_dir: str | Path, cfg: TensorRTConfig = TensorRTConfig(),
-                  version: int = 1) -> dict[str, Path]:
-    """``model.plan`` next to each encoder's ``model.onnx`` in ``repo_dir`` (those present).
+                  version: int = 1, name_prefix: str = "") -> dict[str, Path]:
+    """``model.plan`` next to each encoder's ``model.onnx`` in ``repo_dir`` (those present;
+    ``name_prefix``: the export's ``--name-prefix``).
 
     Raises :class:`TensorRTUnavailable` where ``tensorrt`` cannot be imported.
     """
     _import_tensorrt()
     out = {}
-    for model in ("image_encoder", "volume_encoder", "text_encoder"):
+    for model in (f"{name_prefix}{m}" for m in ("image_encoder", "volume_encoder", "text_encoder")):
         onnx_path = Path(repo_dir) / model / str(version) / "model.onnx"
         if onnx_path.is_file():
             out[model] = build_engine(onnx_path, onnx_path.with_name("model.plan"), cfg)

@@ -13,6 +13,10 @@ model of the repository (``--model-control-mode none``), writes its log to a fil
 If it exits first (a model failed to load), :class:`TritonStartError` quotes the
 model's error lines from the log. :meth:`TritonServer.stop` sends SIGTERM to the
 server's process group, then SIGKILL after a grace period.
+
+Several exported repositories (each exported with its own ``--name-prefix``) are served by
+one server through :func:`merge_repositories`: a folder of links to every model of
+each, built after checking that no model name appears twice.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +44,76 @@ LOG_FILE = "triton.log"
 
 class TritonStartError(RuntimeError):
     """tritonserver is missing, exited during start-up, or did not get ready in time."""
+
+
+class RepositoryMergeError(ValueError):
+    """Repositories cannot be served together: a model name appears in two of them, or a
+    folder is not a model repository."""
+
+
+# sub-folders of a repository that are not models (Python caches, editor/VCS folders)
+_NOT_MODELS = ("__pycache__",)
+
+
+def repository_models(repo_dir: str | Path) -> dict[str, Path]:
+    """The models of a repository: name -> folder, for every sub-folder with a
+    ``config.pbtxt``. Raises :class:`RepositoryMergeError` for a folder that is missing,
+    holds no model, or has a sub-folder without a config (tritonserver would fail on it)."""
+    repo = Path(repo_dir)
+    if not repo.is_dir():
+        raise RepositoryMergeError(f"repository {repo} is not a folder")
+    models = {}
+    for sub in sorted(repo.iterdir()):
+        if not sub.is_dir() or sub.name.startswith(".") or sub.name in _NOT_MODELS:
+            continue
+        if not (sub / "config.pbtxt").is_file():
+            raise RepositoryMergeError(f"{sub} has no config.pbtxt: {repo} is not a model "
+                                       "repository written by `medseek export`")
+        models[sub.name] = sub.resolve()
+    if not models:
+        raise RepositoryMergeError(f"repository {repo} holds no model (no <model>/config.pbtxt)")
+    return models
+
+
+def merge_repositories(repo_dirs: Sequence[str | Path], dest: str | Path) -> dict[str, Path]:
+    """Make ``dest`` one model repository holding the models of all ``repo_dirs``.
+
+    Each model of each repository becomes a symbolic link ``dest/<model>`` to its folder
+    (nothing is copied; a re-export shows up at the next server start). ``dest`` must be
+    missing or empty. Raises :class:`RepositoryMergeError`, before linking anything, when
+    two repositories hold a model of the same name (export them with different
+    ``--name-prefix``) or when a repository is given twice.
+
+    Returns
+    -------
+    dict model name -> the folder it links to
+    """
+    repos = [Path(r) for r in repo_dirs]
+    if not repos:
+        raise RepositoryMergeError("repo_dirs must name at least one repository, got none")
+    seen_repo: dict[Path, Path] = {}
+    owner: dict[str, Path] = {}  # model -> repository that holds it
+    merged: dict[str, Path] = {}
+    for repo in repos:
+        key = repo.resolve()
+        if key in seen_repo:
+            raise RepositoryMergeError(f"repository {repo} is given twice")
+        seen_repo[key] = repo
+        for name, folder in repository_models(repo).items():
+            if name in owner:
+                raise RepositoryMergeError(
+                    f"model {name!r} is in both {owner[name]} and {repo}: one tritonserver "
+                    "cannot serve two models of one name; export one of them with another "
+                    "prefix (`medseek export ... --name-prefix wrist_`)")
+            owner[name] = repo
+            merged[name] = folder
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise RepositoryMergeError(f"dest {dest} must be missing or empty")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, folder in merged.items():
+        (dest / name).symlink_to(folder, target_is_directory=True)
+    return merged
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -347,10 +422,16 @@ def terminate_group(pid: int, grace: float, process: subprocess.Popen | None = N
 # where it is, so ``status`` and ``stop`` can find it.
 
 
-def write_pid_file(server: TritonServer) -> Path:
-    path = server.cfg.repo_dir / PID_FILE
-    path.write_text(json.dumps(server.describe(), indent=2))
-    return path
+def write_pid_file(server: TritonServer, repo_dirs: Sequence[str | Path] | None = None) -> Path:
+    """Record ``server`` in ``triton.pid`` of each of ``repo_dirs`` (None: the served
+    repository), so ``status`` and ``stop`` find it from any of them; returns the first."""
+    repos = [Path(r) for r in repo_dirs] if repo_dirs else [server.cfg.repo_dir]
+    info = server.describe()
+    info["repositories"] = [str(r.resolve()) for r in repos]
+    text = json.dumps(info, indent=2)
+    for repo in repos:
+        (repo / PID_FILE).write_text(text)
+    return repos[0] / PID_FILE
 
 
 def read_pid_file(repo_dir: str | Path) -> dict | None:
@@ -361,7 +442,10 @@ def read_pid_file(repo_dir: str | Path) -> dict | None:
 
 
 def stop_from_pid_file(repo_dir: str | Path, grace: float = 15.0) -> dict | None:
-    """Stop the server recorded in ``<repo_dir>/triton.pid``; returns its record (or None)."""
+    """Stop the server recorded in ``<repo_dir>/triton.pid``; returns its record (or None).
+
+    The pid files of the other repositories it served (merged) go with it, where they
+    still record the same server."""
     info = read_pid_file(repo_dir)
     if info is None:
         return None
@@ -369,5 +453,8 @@ def stop_from_pid_file(repo_dir: str | Path, grace: float = 15.0) -> dict | None
         terminate_group(int(info["pid"]), grace)
     if info.get("work_dir"):
         shutil.rmtree(info["work_dir"], ignore_errors=True)
-    (Path(repo_dir) / PID_FILE).unlink(missing_ok=True)
+    for repo in {str(Path(repo_dir).resolve()), *info.get("repositories", [])}:
+        other = read_pid_file(repo) if Path(repo).is_dir() else None
+        if other is not None and other.get("pid") == info.get("pid"):
+            (Path(repo) / PID_FILE).unlink(missing_ok=True)
     return info
