@@ -30,6 +30,17 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 
+def _add(store: Store, index, keys: np.ndarray, vectors: np.ndarray) -> None:
+    """``index.add``; an index that filters by metadata itself (``takes_metadata``, e.g.
+    Milvus) also gets the rows' records, read from the store."""
+    if getattr(index, "takes_metadata", False):
+        with store.reader() as reader:
+            found = reader.items(keys)
+        index.add(keys, vectors, metadata=[None if it is None else it.record for it in found])
+    else:
+        index.add(keys, vectors)
+
+
 @dataclass(frozen=True)
 class CatalogConfig:
     """Where indexes are saved and how each collection's index is built.
@@ -179,7 +190,7 @@ class Catalog:
             sample = np.concatenate(parts)
             index.train(np.ascontiguousarray(sample))
         for keys, vectors in self.store.iter_embeddings(name, None, upto, self.config.batch_size):
-            index.add(keys, vectors)
+            _add(self.store, index, keys, vectors)
         log.info("built %s index of collection %s: %d vectors", cfg.kind, name, len(index))
         return IndexedCollection(name, index, upto)
 
@@ -207,7 +218,7 @@ class Catalog:
                 removed = coll.index.remove(gone)
                 for keys, vectors in self.store.iter_embeddings(
                         coll.name, since, upto, self.config.batch_size):
-                    coll.index.add(keys, vectors)
+                    _add(self.store, coll.index, keys, vectors)
                     upserted += keys.size
                 coll.applied_seq = upto
             if (coll.index.config.kind == "flat"

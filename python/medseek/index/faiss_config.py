@@ -96,6 +96,8 @@ class FaissConfig:
 # Milvus collection names: a letter or underscore, then letters, digits, underscores
 _MILVUS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _URI_SCHEMES = ("http://", "https://", "tcp://", "unix:")
+#: Milvus read consistency levels, strongest first
+CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,10 @@ class MilvusConfig:
         several archives can share one server.
     index_type : str
         Milvus vector index: "FLAT" (exact; the default), or on a server "HNSW",
-        "IVF_FLAT", "IVF_PQ", ... with their ``index_params``/``search_params``.
+        "IVF_FLAT", "IVF_PQ", ... with their ``index_params``/``search_params``. The
+        PQ and SQ kinds (IVF_PQ, IVF_SQ8, ...) score from compressed codes: their
+        ``search`` scores are approximate (``MilvusIndex.scores_exact`` is False, and the
+        search pipeline re-scores their candidates from the store's vectors).
     index_params, search_params : mapping
         Build-time parameters of ``index_type`` (e.g. ``{"M": 32, "efConstruction": 200}``)
         and per-search parameters (e.g. ``{"ef": 64}``).
@@ -130,6 +135,22 @@ class MilvusConfig:
         Seconds per request (None: the client's default).
     norm_tol : float
         Allowed ``| ||v|| - 1 |`` of vectors and queries.
+    consistency_level : {"Bounded", "Strong", "Session", "Eventually"}
+        Consistency of ``search`` (and the collection's default). Bounded (the default)
+        may miss the writes of the last few seconds (the server's ``gracefulTime``, 5 s
+        by default) and answers in milliseconds; Strong waits for every acknowledged write
+        (~300 ms a search on a 2.3 standalone server). ``len``, ``ids`` and ``remove``
+        always read Strong (see ``milvus_index.py``).
+    index_wait_rows : int
+        An ``add`` of at least this many rows waits for the index build to cover them
+        (``MilvusIndex.wait_for_index``); ``save`` waits whenever rows were added since the
+        last wait.
+    index_timeout_s : float
+        How long such a wait lasts before it gives up with a logged warning.
+    max_value_length : int
+        Largest modality / body part / view / label, in UTF-8 bytes (Milvus VARCHAR).
+    max_labels : int
+        Most labels per item (Milvus ARRAY capacity, at most 4096).
     """
 
     uri: str = "medseek-milvus.db"
@@ -144,6 +165,11 @@ class MilvusConfig:
     max_k: int = 16384
     timeout: float | None = None
     norm_tol: float = NORM_TOL
+    consistency_level: str = "Bounded"
+    index_wait_rows: int = 10_000
+    index_timeout_s: float = 600.0
+    max_value_length: int = 1024
+    max_labels: int = 256
 
     #: The index kind, next to FAISS's "flat" / "ivfpq" / "hnsw".
     kind = "milvus"
@@ -159,7 +185,18 @@ class MilvusConfig:
                              f"starting with a digit, got {self.collection_prefix!r}")
         if not isinstance(self.index_type, str) or not self.index_type:
             raise ValueError(f"index_type must be a non-empty str, got {self.index_type!r}")
-        for name in ("insert_batch", "search_batch", "max_k"):
+        if self.consistency_level not in CONSISTENCY_LEVELS:
+            raise ValueError(f"consistency_level must be one of {CONSISTENCY_LEVELS}, got "
+                             f"{self.consistency_level!r}")
+        if not 1 <= self.max_labels <= 4096:
+            raise ValueError(f"max_labels must be in [1, 4096] (Milvus's ARRAY limit), got "
+                             f"{self.max_labels!r}")
+        if not 1 <= self.max_value_length <= 65535:
+            raise ValueError(f"max_value_length must be in [1, 65535] (Milvus's VARCHAR "
+                             f"limit), got {self.max_value_length!r}")
+        if not self.index_timeout_s > 0:
+            raise ValueError(f"index_timeout_s must be > 0, got {self.index_timeout_s!r}")
+        for name in ("insert_batch", "search_batch", "max_k", "index_wait_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")

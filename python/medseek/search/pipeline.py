@@ -152,16 +152,23 @@ class SearchPipeline:
     def ann(self, collection: str, queries: np.ndarray, k: int | None = None,
             filters: SearchFilters | None = None, *,
             options: QueryOptions | None = None) -> AnnBatch:
-        """The filter and ANN stages of ``search`` for a (q, d) batch: top-K' row keys."""
+        """The filter and ANN stages of ``search`` for a (q, d) batch: top-K' row keys.
+
+        An index that applies metadata filters itself (``supports_filters``: Milvus, whose
+        rows carry the metadata) gets ``filters``; any other (FAISS) gets the store's
+        matching row keys as ``allowed``."""
         opts = _options(options, k=k, filters=filters).resolve(self.config)
         queries = np.ascontiguousarray(queries)
         filters = opts.filters
         t = time.perf_counter()
-        allowed = None if filters.is_empty() else self.store.filter_row_keys(
+        native = not filters.is_empty() and getattr(self.catalog.index(collection),
+                                                     "supports_filters", False)
+        allowed = None if filters.is_empty() or native else self.store.filter_row_keys(
             collection, **filters.as_kwargs())
         t_filter = time.perf_counter() - t
         t = time.perf_counter()
-        scores, keys = self.catalog.search(collection, queries, opts.k_prime, allowed)  # (q, K')
+        scores, keys = self.catalog.search(collection, queries, opts.k_prime, allowed,
+                                           **({"filters": filters} if native else {}))  # (q, K')
         t_ann = time.perf_counter() - t
         return AnnBatch(collection, queries, opts, scores, keys,
                         {"filter": t_filter, "ann": t_ann})
