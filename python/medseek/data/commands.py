@@ -58,7 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="dataset manifests and benchmark corpora")
     data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     build = data_sub.add_parser("build", help="build a synthetic benchmark corpus")
-    build.add_argument("corpus", choices=("synth-cxr", "synth-wrist", "synth-ct"))
+    build.add_argument("corpus", choices=("synth-cxr", "synth-wrist", "synth-ct"),
+                       help="which corpus: chest radiographs from IU reports, wrist "
+                            "radiographs, or chest CT volumes")
     build.add_argument("--out", required=True, help="output folder (created)")
     build.add_argument("--n", type=_positive, default=None,
                        help="cases: first N IU reports (synth-cxr, default all), "
@@ -67,7 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="synth-cxr: leave out the first SKIP IU reports (the shipped chest "
                             "model is trained on reports 1000 onwards, so that medseek demo's "
                             "corpus, the first reports, is unseen)")
-    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--seed", type=int, default=0,
+                       help="random seed (the same seed gives byte-identical files)")
     build.add_argument("--size", type=_positive, default=None, help="image side in pixels (2D corpora, default 256)")
     build.add_argument("--workers", type=_positive, default=1, help="rendering processes (synth-cxr)")
     build.add_argument("--quiet", action="store_true", help="no progress bar")

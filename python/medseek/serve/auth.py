@@ -33,6 +33,36 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
     return grpc.unary_unary_rpc_method_handler(unary)
 
 
+def bearer_token(metadata) -> bytes | None:
+    """The token of an ``authorization: Bearer <token>`` metadata entry, or None."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            value = value.decode() if isinstance(value, bytes) else value
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                return None
+            return token.strip().encode()
+    return None
+
+
+def caller_name(metadata, named_tokens: Sequence[tuple[str, str]]) -> str | None:
+    """The name of the ``(name, token)`` pair whose token the call carries, or None.
+
+    Every pair is compared (constant time, no early exit), so the answer's timing does not
+    say which name matched. This is the authorisation of a role (e.g. clinical
+    re-identification, ``ServeConfig.reident_tokens``), on top of the interceptor's
+    authentication.
+    """
+    given = bearer_token(metadata)
+    if given is None:
+        return None
+    found = None
+    for name, token in named_tokens:
+        if hmac.compare_digest(given, token.encode()) and found is None:
+            found = name
+    return found
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuse calls without an accepted bearer token (module docstring)."""
 

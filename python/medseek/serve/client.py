@@ -119,5 +119,8 @@ class RetrievalClient:
                  ) -> pb.DiagnoseResponse:
         return self.stub.Diagnose(request, timeout=timeout, metadata=self.metadata)
 
+    def draft(self, request: pb.DraftRequest, timeout: float | None = 60.0) -> pb.DraftResponse:
+        return self.stub.Draft(request, timeout=timeout, metadata=self.metadata)
+
     def stats(self, timeout: float | None = 30.0) -> pb.StatsResponse:
         return self.stub.Stats(pb.StatsRequest(), timeout=timeout, metadata=self.metadata)

@@ -1,14 +1,23 @@
-"""``medseek serve``, ``medseek ingest`` and ``medseek query`` (registered by ``register``).
+"""``medseek serve``, ``medseek ingest``, ``medseek query`` and ``medseek stats``
+(registered by ``register``).
 
 Heavy imports (torch, grpc) happen inside the handlers, never at ``medseek --help`` time.
+The client commands take ``--json`` (one JSON document of the responses' fields on
+stdout), read ``MEDSEEK_ADDRESS`` / ``MEDSEEK_TOKEN_FILE`` / ``MEDSEEK_TOKEN`` when their
+flags are not given, and report a failed call as one line with its status code.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
+import os
 import sys
 from pathlib import Path
+
+from .gateway_command import add_http_args, register_gateway, start_for_serve
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".dcm")
 VOLUME_EXT = (".nii", ".nii.gz", ".zip")
@@ -16,17 +25,27 @@ TEXT_EXT = (".txt",)
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="run the gRPC retrieval server")
-    p.add_argument("--config", type=Path, help="serve config (.json or .toml)")
+    p = subparsers.add_parser("serve", help="run the gRPC retrieval server",
+                              epilog=SERVE_EPILOG)
+    p.add_argument("--config", type=Path,
+                   help="serve config (.json or .toml) (default: $MEDSEEK_CONFIG, else none: "
+                        "give --store and --index-dir)")
     p.add_argument("--store", type=Path, help="SQLite store path (overrides the config)")
     p.add_argument("--index-dir", type=Path, help="saved index folder (overrides the config)")
-    p.add_argument("--host", help="listen host (default 127.0.0.1); another host needs "
-                                  "tokens or TLS in --config, or --insecure-public")
+    p.add_argument("--host", help="listen host (default: $MEDSEEK_HOST, else the config's, else "
+                                  "127.0.0.1); another host needs tokens or TLS in --config, "
+                                  "or --insecure-public")
     p.add_argument("--insecure-public", action="store_true", default=None,
                    help="allow a non-loopback --host with neither tokens nor TLS (anyone "
                         "who reaches the port can read and erase the archive)")
-    p.add_argument("--port", type=int, help="listen port (0 picks a free one)")
-    p.add_argument("--metrics-port", type=int, help="Prometheus port on 127.0.0.1")
+    p.add_argument("--auto-regions", action="store_true", default=None,
+                   help="find the named regions of wrist and frontal chest images ingested "
+                        "without boxes, and of region queries without a box, with the shipped "
+                        "localisers (ServeConfig.auto_regions; trained on phantoms)")
+    p.add_argument("--port", type=int, help="listen port, 0 picks a free one (default: "
+                                            "$MEDSEEK_PORT, else the config's, else 50051)")
+    p.add_argument("--metrics-port", type=int,
+                   help="Prometheus port on 127.0.0.1 (default: the config's, else none)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     p.add_argument("--encoder", choices=("local", "onnx", "triton"), default="local",
                    help="local: in-process torch towers (untrained vision; tests, CPU demos); "
@@ -36,57 +55,180 @@ def register(subparsers) -> None:
     p.add_argument("--spec", type=Path, help="spec.json of the model served at --triton-url")
     p.add_argument("--volume-triton-url", help="Triton serving the volume model, if separate")
     p.add_argument("--volume-spec", type=Path, help="spec.json of the volume model")
+    p.add_argument("--triton-model-prefix", default=None,
+                   help="name prefix of the models at --triton-url (export --name-prefix); "
+                        "default: the one --spec records")
+    p.add_argument("--volume-triton-model-prefix", default=None,
+                   help="name prefix of the volume model's models; default: the one "
+                        "--volume-spec records")
     p.add_argument("--report-ranker", choices=("hybrid", "joint"),
                    help="report collection: hybrid (MiniLM + laterality-aware finding concepts, "
                         "in process) or joint (the encoder's text tower); default: what the "
                         "store holds, hybrid for a new store")
-    p.set_defaults(func=cmd_serve)
+    p.add_argument("--workers", type=int, default=None,
+                   help="server processes sharing the port and the store, each with its own "
+                        "index caught up from the store (default: the config's, else 1)")
+    p.add_argument("--index", choices=("flat", "hnsw", "ivfpq"), default=None,
+                   help="FAISS index kind of every collection, with that kind's default "
+                        "settings (default: the config's [index] table, else flat); "
+                        "Milvus and tuned settings: an [index] table in --config")
+    add_http_args(p)
+    p.set_defaults(func=cmd_serve, needs=SERVER_MODULES, default_log_level="info")
 
-    p = subparsers.add_parser("ingest", help="bulk ingest a folder or a JSONL manifest")
+    p = subparsers.add_parser("ingest", help="bulk ingest a folder or a JSONL manifest",
+                              epilog=CLIENT_EPILOG)
     p.add_argument("source", type=Path, help="folder of images/volumes/.txt reports, or .jsonl")
     _client_args(p)
     p.add_argument("--batch-size", type=int, default=32, help="items per Ingest call")
-    p.add_argument("--collection", default="", help="collection for every item")
-    p.set_defaults(func=cmd_ingest)
+    p.add_argument("--collection", default="",
+                   help="collection of every item (a manifest line's own wins)")
+    p.set_defaults(func=cmd_ingest, needs=CLIENT_MODULES)
 
-    p = subparsers.add_parser("query", help="search and print a ranked table")
+    p = subparsers.add_parser("query", help="search and print a ranked table",
+                              epilog=CLIENT_EPILOG)
     q = p.add_mutually_exclusive_group(required=True)
-    q.add_argument("--text")
-    q.add_argument("--image", type=Path)
-    q.add_argument("--volume", type=Path)
-    q.add_argument("--item-id")
+    q.add_argument("--text", help="query by report text")
+    q.add_argument("--image", type=Path, help="query by an image file (PNG, JPEG, DICOM)")
+    q.add_argument("--volume", type=Path, help="query by a volume file (NIfTI, zipped DICOM)")
+    q.add_argument("--item-id", help="query by an item already stored (left out of the hits)")
     _client_args(p)
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--collection", default="")
-    p.add_argument("--modality", action="append", default=[])
-    p.add_argument("--body-part", action="append", default=[])
-    p.add_argument("--view", action="append", default=[])
-    p.add_argument("--label", action="append", default=[], help="labels_any filter")
+    p.add_argument("-k", type=int, default=10, help="hits to return")
+    p.add_argument("--collection", default="", help="search this collection only (default: all)")
+    p.add_argument("--modality", action="append", default=[],
+                   help="keep hits of this modality (repeat for any of several)")
+    p.add_argument("--body-part", action="append", default=[],
+                   help="keep hits of this body part (repeat for any of several)")
+    p.add_argument("--view", action="append", default=[],
+                   help="keep hits of this view, e.g. PA (repeat for any of several)")
+    p.add_argument("--label", action="append", default=[],
+                   help="keep hits carrying any of these labels (repeatable)")
     p.add_argument("--region", help="region name for the second-stage rerank")
-    p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"))
-    p.add_argument("--diversify", action="store_true")
-    p.add_argument("--mmr-lambda", type=float)
+    p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
+                   help="the --region's box in the query image, in pixels")
+    p.add_argument("--diversify", action="store_true",
+                   help="diversify the hits (MMR, near-duplicate and provenance caps)")
+    p.add_argument("--mmr-lambda", type=float,
+                   help="--diversify: relevance weight of MMR in [0, 1] (default: the "
+                        "server's)")
     p.add_argument("--diagnose", action="store_true",
                    help="retrieval-based diagnosis: print the label probabilities voted by "
                         "the k nearest neighbours (no diversification)")
     p.add_argument("--temperature", type=float,
                    help="--diagnose vote: weight softmax(score / T) (server default 0.1)")
+    p.add_argument("--hypothesis", action="append", default=[], metavar="NAME=LABEL,...",
+                   help="--diagnose: a competing answer and the labels that support it "
+                        "(NAME alone: none of the others' labels); two or more give a "
+                        "contrastive decision that may abstain")
+    p.add_argument("--margin-threshold", type=float,
+                   help="--hypothesis: abstain below this margin (default: the stored "
+                        "calibration)")
     p.add_argument("--png", type=Path, help="write a contact sheet of the hits here")
     p.add_argument("--root", type=Path, help="folder the hits' ids are paths in (for --png)")
-    p.set_defaults(func=cmd_query)
+    p.set_defaults(func=cmd_query, needs=CLIENT_MODULES)
+
+    p = subparsers.add_parser("stats", help="print the server's collections and queues",
+                              epilog=CLIENT_EPILOG)
+    _client_args(p)
+    p.set_defaults(func=cmd_stats, needs=CLIENT_MODULES)
+
+    register_gateway(subparsers)
+
+
+# What the handlers import: ``medseek.cli.dispatch`` imports these first and names the
+# install extra of one that is missing.
+CLIENT_MODULES = ("grpc", "google.protobuf")
+SERVER_MODULES = CLIENT_MODULES + ("grpc_health", "grpc_reflection")
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+CLIENT_EPILOG = """\
+environment (a flag given on the command line overrides its variable):
+  MEDSEEK_ADDRESS     --server (host:port)
+  MEDSEEK_TOKEN_FILE  --token-file
+  MEDSEEK_TOKEN       the bearer token itself, used when no token file is given
+  MEDSEEK_LOG_LEVEL   medseek --log-level"""
+SERVE_EPILOG = """\
+environment (a flag overrides its variable; both override the config file):
+  MEDSEEK_CONFIG      --config
+  MEDSEEK_HOST        --host
+  MEDSEEK_PORT        --port
+  MEDSEEK_LOG_LEVEL   medseek --log-level (serve's default: info)"""
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default="127.0.0.1:50051", help="host:port")
-    p.add_argument("--token-file", type=Path, help="file holding the bearer token")
-    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--server", "--address", dest="server",
+                   help=f"host:port of the medseek server (default: $MEDSEEK_ADDRESS, else "
+                        f"{DEFAULT_ADDRESS})")
+    p.add_argument("--token-file", type=Path,
+                   help="file holding the bearer token (default: $MEDSEEK_TOKEN_FILE, else "
+                        "the token in $MEDSEEK_TOKEN, else none)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per call")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document (the responses' fields) instead of tables "
+                        "and progress bars")
+
+
+def client_settings(args, environ=os.environ) -> tuple[str, str | None]:
+    """``(address, token)`` of a client command: a flag, else its ``MEDSEEK_*`` variable,
+    else the default (the loopback port 50051, no token)."""
+    address = args.server or environ.get("MEDSEEK_ADDRESS") or DEFAULT_ADDRESS
+    token_file = args.token_file or (Path(environ["MEDSEEK_TOKEN_FILE"])
+                                     if environ.get("MEDSEEK_TOKEN_FILE") else None)
+    if token_file is None:
+        return address, environ.get("MEDSEEK_TOKEN") or None
+    try:
+        token = token_file.read_text().strip()
+    except OSError as exc:
+        raise SystemExit(f"{_name(args)}: cannot read the token file {str(token_file)!r}: "
+                         f"{exc.strerror}") from None
+    if not token:
+        raise SystemExit(f"{_name(args)}: the token file {str(token_file)!r} is empty")
+    return address, token
 
 
 def _client(args):
     from .client import RetrievalClient
 
-    token = args.token_file.read_text().strip() if args.token_file else None
-    return RetrievalClient(args.server, token=token)
+    address, token = client_settings(args)
+    return RetrievalClient(address, token=token)
+
+
+def _name(args) -> str:
+    """``medseek query``: the command as the user ran it, for error lines."""
+    return getattr(args, "command_name", None) or f"medseek {args.command}"
+
+
+def reports_rpc_errors(handler):
+    """A client command whose call failed prints one line, ``medseek query: UNAVAILABLE:
+    failed to connect ...``, and exits 1; ``--log-level debug`` also logs the traceback."""
+
+    @functools.wraps(handler)
+    def run(args) -> int:
+        import grpc
+
+        try:
+            return handler(args)
+        except grpc.RpcError as exc:
+            logging.getLogger(__name__).debug("%s failed", _name(args), exc_info=True)
+            code = exc.code() if callable(getattr(exc, "code", None)) else None
+            details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+            status = code.name if code is not None else "UNKNOWN"
+            print(f"{_name(args)}: {status}: {' '.join(str(details or '').split())}",
+                  file=sys.stderr)
+            return 1
+
+    return run
+
+
+def print_json(document) -> None:
+    """One JSON document on stdout."""
+    print(json.dumps(document, indent=2, sort_keys=False))
+
+
+def message_dict(message) -> dict:
+    """A response as a dict: field names as in the .proto, zero values included."""
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(message, preserving_proto_field_name=True,
+                         always_print_fields_with_no_presence=True)
 
 
 def limit_blas_threads():
@@ -115,38 +257,83 @@ def limit_blas_threads():
     return threadpool_limits(1, user_api="blas")
 
 
-def cmd_serve(args) -> int:
-    import logging
+def serve_settings(args, environ=os.environ) -> tuple[Path | None, str | None, int | None]:
+    """``(config, host, port)`` of ``medseek serve``: each flag, else its ``MEDSEEK_*``
+    variable, else None (the config file's value, else the built-in default)."""
+    config = args.config or (Path(environ["MEDSEEK_CONFIG"])
+                             if environ.get("MEDSEEK_CONFIG") else None)
+    host = args.host if args.host is not None else (environ.get("MEDSEEK_HOST") or None)
+    port = args.port
+    if port is None and environ.get("MEDSEEK_PORT"):
+        try:
+            port = int(environ["MEDSEEK_PORT"])
+        except ValueError:
+            raise SystemExit(f"{_name(args)}: MEDSEEK_PORT must be a port number, got "
+                             f"{environ['MEDSEEK_PORT']!r}") from None
+    return config, host, port
 
+
+def cmd_serve(args) -> int:
     limit_blas_threads()  # before the server loads more BLAS libraries
 
     from .config import ServeConfig, load_config
     from .server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    overrides = dict(store_path=args.store, index_dir=args.index_dir, host=args.host,
-                     port=args.port, metrics_port=args.metrics_port,
-                     report_ranker=args.report_ranker, insecure_public=args.insecure_public)
+    config, host, port = serve_settings(args)
+    from medseek.index.faiss_config import FaissConfig
+
+    overrides = dict(store_path=args.store, index_dir=args.index_dir, host=host,
+                     port=port, metrics_port=args.metrics_port,
+                     report_ranker=args.report_ranker, insecure_public=args.insecure_public,
+                     workers=args.workers, auto_regions=args.auto_regions,
+                     index=None if args.index is None else FaissConfig(kind=args.index))
     try:
-        if args.config is not None:
-            cfg = load_config(args.config, **overrides)
+        if config is not None:
+            cfg = load_config(config, **overrides)
         else:
             if args.store is None or args.index_dir is None:
                 raise SystemExit("medseek serve: give --config, or --store and --index-dir")
             cfg = ServeConfig(**{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:  # a bad or unsafe configuration: say so, no traceback
         raise SystemExit(f"medseek serve: {exc}") from None
-    encoder = encoder_from_args(args)
+    gateway = None
 
     def ready(server, port):
+        nonlocal gateway
         print(f"medseek serving on {cfg.host}:{port}", flush=True)
+        gateway = start_for_serve(args, cfg, port)  # --http-port: HTTP/JSON + viewer
         if args.port_file is not None:
             tmp = args.port_file.with_suffix(".tmp")
             tmp.write_text(str(port))
             tmp.replace(args.port_file)
 
-    serve(cfg, encoder, ready)
+    try:
+        if cfg.workers > 1:
+            serve_workers(cfg, functools.partial(encoder_from_args, args), ready)
+        else:
+            serve(cfg, encoder_from_args(args), ready)
+    finally:
+        if gateway is not None:
+            gateway.stop()
     return 0
+
+
+def serve_workers(cfg, encoder_factory, ready) -> None:
+    """``--workers N``: the worker processes, watched until SIGTERM or SIGINT."""
+    import signal
+
+    from .workers import WorkerPool
+
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(True))
+    pool = WorkerPool(cfg, encoder_factory)
+    pool.start()
+    try:
+        ready(None, pool.port)
+        pool.watch(lambda: bool(stop))
+    finally:
+        pool.stop()
 
 
 def encoder_from_args(args):
@@ -164,15 +351,21 @@ def encoder_from_args(args):
             raise SystemExit("medseek serve: --encoder onnx needs --model-repo")
         return OnnxRuntimeEncoder(args.model_repo)
     from medseek.encoders import EncoderSpec, TritonEncoder, TritonEncoderConfig
+    from medseek.encoders.triton_client import spec_model_prefix
 
     if args.triton_url is None or args.spec is None:
         raise SystemExit("medseek serve: --encoder triton needs --triton-url and --spec")
-    main = TritonEncoder(TritonEncoderConfig(args.triton_url), EncoderSpec.load(args.spec))
+    prefix = args.triton_model_prefix
+    prefix = spec_model_prefix(args.spec) if prefix is None else prefix
+    main = TritonEncoder(TritonEncoderConfig(args.triton_url, model_prefix=prefix),
+                         EncoderSpec.load(args.spec))
     if args.volume_triton_url is None:
         return main
     if args.volume_spec is None:
         raise SystemExit("medseek serve: --volume-triton-url needs --volume-spec")
-    volumes = TritonEncoder(TritonEncoderConfig(args.volume_triton_url),
+    prefix = args.volume_triton_model_prefix
+    prefix = spec_model_prefix(args.volume_spec) if prefix is None else prefix
+    volumes = TritonEncoder(TritonEncoderConfig(args.volume_triton_url, model_prefix=prefix),
                             EncoderSpec.load(args.volume_spec))
     return RoutedEncoder(images=main, volumes=volumes, texts=main)
 
@@ -189,22 +382,20 @@ def _kind_of(path: Path) -> str | None:
 
 
 def iter_items(source: Path, collection: str = ""):
-    """IngestItems of a folder (id = relative path) or a JSONL manifest, one per line:
+    """IngestItems of a folder, zip, DICOMDIR or DICOM file (DICOM grouped by series, see
+    ``_iter_discovered``; other files by extension, id = relative path) or a JSONL
+    manifest, one per line:
     ``{"id", "path" | "text", "collection", "modality", "body_part", "view", "labels",
     "patient_pseudonym", "study_pseudonym", "source_document", "regions"}``; ``regions``
     is a list of ``{"name", "box": [x0, y0, x1, y1]}`` (images) or
     ``{"name", "z_range": [z0, z1]}`` (a volume's organs: slices ``[z0, z1)``, ``z1``
     exclusive, as in the corpus manifests)."""
+    from medseek.io.dicom_groups import is_dicom_source
+
     from .v1 import retrieval_pb2 as pb
 
-    if source.is_dir():
-        for path in sorted(p for p in source.rglob("*") if p.is_file()):
-            kind = _kind_of(path)
-            if kind is None:
-                continue
-            data = path.read_text() if kind == "text" else path.read_bytes()
-            yield pb.IngestItem(id=path.relative_to(source).as_posix(), collection=collection,
-                                **{kind: data})
+    if is_dicom_source(source):  # a folder, a zip, a DICOMDIR or one DICOM file
+        yield from _iter_discovered(pb, source, collection)
         return
     for n, line in enumerate(source.read_text().splitlines()):
         if not line.strip():
@@ -228,6 +419,62 @@ def iter_items(source: Path, collection: str = ""):
                             regions=regions, **content, **meta)
 
 
+def _iter_discovered(pb, source: Path, collection: str):
+    """IngestItems of a folder, zip, DICOMDIR or DICOM file: DICOM grouped by study and
+    series (``medseek.io.dicom_groups``: a series is one volume, a radiograph one image,
+    whatever the file names), id a hash of its UIDs; a DICOM volume goes to the server's
+    volume collection whatever ``collection`` says. The other files of a folder are taken
+    by extension (id = relative path), as before. What was skipped, and why, goes to stderr."""
+    from medseek.io import MedicalImageError
+    from medseek.io.dicom_groups import discover
+
+    try:
+        grouping = discover(source)
+    except MedicalImageError as exc:
+        raise SystemExit(f"medseek ingest: {exc}") from None
+    _print_dicom_summary(grouping, source, collection)
+    for group in grouping.items:
+        try:
+            content = group.payload()
+        except MedicalImageError as exc:  # vanished or unreadable since it was grouped
+            print(f"skipped {group.item_id} ({', '.join(group.names[:3])}): {exc}",
+                  file=sys.stderr)
+            continue
+        yield pb.IngestItem(id=group.item_id,
+                            collection=collection if group.kind == "image" else "",
+                            **{group.kind: content})
+    if not source.is_dir():
+        return
+    for name in grouping.others:
+        path = source / name
+        kind = _kind_of(path)
+        if kind is None:
+            continue
+        data = path.read_text() if kind == "text" else path.read_bytes()
+        yield pb.IngestItem(id=name, collection=collection, **{kind: data})
+
+
+def _print_dicom_summary(grouping, source: Path, collection: str, most: int = 50) -> None:
+    """On stderr: the DICOM items found and each skipped file (name and reason, the first
+    ``most``); non-DICOM files without a known extension are counted."""
+    if not grouping.items and not grouping.skipped:
+        return
+    volumes = sum(g.kind == "volume" for g in grouping.items)
+    images = len(grouping.items) - volumes
+    unknown = [n for n in grouping.others if _kind_of(source / n) is None]
+    print(f"dicom: {volumes} volume(s), {images} image(s) from "
+          f"{sum(g.n_files for g in grouping.items)} files; {len(grouping.skipped)} skipped"
+          + (f"; {len(unknown)} other file(s) not DICOM, without a known extension, ignored"
+             if unknown else ""), file=sys.stderr)
+    if volumes and collection:
+        print(f"dicom: volumes go to the server's volume collection, not {collection!r}",
+              file=sys.stderr)
+    for skipped in grouping.skipped[:most]:
+        print(f"  skipped {skipped.name}: {skipped.reason}", file=sys.stderr)
+    if len(grouping.skipped) > most:
+        print(f"  ... and {len(grouping.skipped) - most} more skipped", file=sys.stderr)
+
+
 def _region(pb, raw: dict, where: str):
     """A manifest region: {"name", "box": [x0, y0, x1, y1]} or {"name", "z_range": [z0, z1]}."""
     if not isinstance(raw, dict) or not raw.get("name") or ("box" in raw) == ("z_range" in raw):
@@ -245,28 +492,38 @@ def _region(pb, raw: dict, where: str):
     return pb.Region(name=raw["name"], z_range=pb.ZRange(z_start=z[0], z_end=z[1]))
 
 
+@reports_rpc_errors
 def cmd_ingest(args) -> int:
     """Ingest in calls of ``--batch-size`` items; each failed item is reported on stderr
     (its position in the source, id, status code and message) while the others are
-    stored. Exit status 1 when any item failed."""
+    stored. Exit status 1 when any item failed. ``--json``: the totals and every item's
+    ack (``index`` counted from the start of the source), no progress bar."""
     from tqdm import tqdm
 
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     totals = {"inserted": 0, "updated": 0, "duplicates": 0, "failed": 0, "sent": 0}
-    with _client(args) as client, tqdm(desc="ingest", unit="item") as bar:
+    acks = [] if args.json else None
+    with _client(args) as client, tqdm(desc="ingest", unit="item", disable=args.json) as bar:
         batch = []
         for item in iter_items(args.source, args.collection):
             batch.append(item)
             if len(batch) == args.batch_size:
-                _send(client, batch, totals, bar, args.timeout)
-        _send(client, batch, totals, bar, args.timeout)
-    print(f"ingested: {totals['inserted']} inserted, {totals['updated']} updated, "
-          f"{totals['duplicates']} duplicates, {totals['failed']} failed")
+                _send(client, batch, totals, bar, args.timeout, acks)
+        _send(client, batch, totals, bar, args.timeout, acks)
+    if args.json:
+        print_json({"inserted": totals["inserted"], "updated": totals["updated"],
+                    "duplicates": totals["duplicates"], "failed": totals["failed"],
+                    "items": totals["sent"], "acks": acks})
+    else:
+        print(f"ingested: {totals['inserted']} inserted, {totals['updated']} updated, "
+              f"{totals['duplicates']} duplicates, {totals['failed']} failed")
     return 1 if totals["failed"] else 0
 
 
-def _send(client, batch, totals, bar, timeout) -> None:
+def _send(client, batch, totals, bar, timeout, acks: list | None = None) -> None:
+    """One Ingest call of ``batch`` (then emptied); ``acks``, when given, collects each
+    ack as a dict with its index counted from the start of the source."""
     from .client import describe_failure
 
     if not batch:
@@ -279,12 +536,25 @@ def _send(client, batch, totals, bar, timeout) -> None:
             item_id = batch[ack.index].id if ack.index < len(batch) else ack.id
             bar.write(f"failed: item {totals['sent'] + ack.index} {item_id!r}: "
                       f"{describe_failure(ack)}", file=sys.stderr)
+        if acks is not None:
+            acks.append({**message_dict(ack), "index": totals["sent"] + ack.index})
     totals["sent"] += len(batch)
     bar.update(len(batch))
     batch.clear()
 
 
+def _read_query_file(args, flag: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"{_name(args)}: cannot read {flag} {str(path)!r}: "
+                         f"{exc.strerror}") from None
+
+
+@reports_rpc_errors
 def cmd_query(args) -> int:
+    """Search (or ``--diagnose``) and print a ranked table, or with ``--json`` the whole
+    response (``SearchResponse`` or ``DiagnoseResponse``) as one JSON document."""
     from .v1 import retrieval_pb2 as pb
 
     filters = pb.Filters(modality=args.modality, body_part=args.body_part, view=args.view,
@@ -296,7 +566,12 @@ def cmd_query(args) -> int:
         req = pb.DiagnoseRequest(k=args.k, collection=args.collection, filters=filters)
         if args.temperature is not None:
             req.temperature = args.temperature
+        req.hypotheses.extend(_hypotheses(args))
+        if args.margin_threshold is not None:
+            req.margin_threshold = args.margin_threshold
     else:
+        if args.hypothesis or args.margin_threshold is not None:
+            raise SystemExit("medseek query: --hypothesis and --margin-threshold need --diagnose")
         if args.temperature is not None:
             raise SystemExit("medseek query: --temperature needs --diagnose")
         req = pb.SearchRequest(k=args.k, collection=args.collection, diversify=args.diversify,
@@ -304,9 +579,9 @@ def cmd_query(args) -> int:
     if args.text is not None:
         req.text = args.text
     elif args.image is not None:
-        req.image = args.image.read_bytes()
+        req.image = _read_query_file(args, "--image", args.image)
     elif args.volume is not None:
-        req.volume = args.volume.read_bytes()
+        req.volume = _read_query_file(args, "--volume", args.volume)
     else:
         req.item_id = args.item_id
     if args.mmr_lambda is not None:
@@ -318,17 +593,53 @@ def cmd_query(args) -> int:
                                            y1=args.box[3]))
     with _client(args) as client:
         if args.diagnose:
-            print(format_diagnosis(client.diagnose(req, timeout=args.timeout)))
+            resp = client.diagnose(req, timeout=args.timeout)
+            if args.json:
+                print_json(message_dict(resp))
+            else:
+                print(format_diagnosis(resp))
+                if resp.HasField("contrastive"):
+                    from .contrastive_service import format_contrastive
+
+                    print(format_contrastive(resp.contrastive))
             return 0
         resp = client.search(req, timeout=args.timeout)
-    print(format_table(resp))
+    if args.json:
+        print_json(message_dict(resp))
+    else:
+        print(format_table(resp))
     if args.png is not None:
         from .contact_sheet import write_contact_sheet
 
-        query_image = args.image.read_bytes() if args.image is not None else None
+        query_image = req.image if args.image is not None else None
         write_contact_sheet(resp, args.png, root=args.root, query_image=query_image)
-        print(f"wrote {args.png}")
+        # stdout holds only the JSON document under --json
+        print(f"wrote {args.png}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+@reports_rpc_errors
+def cmd_stats(args) -> int:
+    """The server's ``Stats``: a table of collections, or with ``--json`` the response."""
+    with _client(args) as client:
+        resp = client.stats(timeout=args.timeout)
+    if args.json:
+        print_json(message_dict(resp))
+    else:
+        print(format_stats(resp))
+    return 0
+
+
+def format_stats(resp) -> str:
+    """One row per collection, then the model, the store's last sequence and the queues."""
+    rows = [("collection", "items", "indexed", "dim", "applied_seq")]
+    rows += [(c.name, str(c.items), str(c.indexed), str(c.dim), str(c.applied_seq))
+             for c in resp.collections]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append(f"model {resp.model or '-'}, last_seq {resp.last_seq}, queues: encode "
+                 f"{resp.encode_queue_depth}, search {resp.search_queue_depth}")
+    return "\n".join(lines)
 
 
 def format_table(resp) -> str:
@@ -343,6 +654,15 @@ def format_table(resp) -> str:
     lines.append(f"{len(resp.hits)} hits of {resp.candidates} candidates, "
                  f"search {total:.1f} ms")
     return "\n".join(lines)
+
+
+def _hypotheses(args) -> list:
+    from .contrastive_service import parse_hypothesis
+
+    try:
+        return [parse_hypothesis(h) for h in args.hypothesis]
+    except ValueError as exc:
+        raise SystemExit(f"medseek query: {exc}") from None
 
 
 def format_diagnosis(resp) -> str:
@@ -361,10 +681,13 @@ def format_diagnosis(resp) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medseek.serve")
+    """``python -m medseek.serve``: these commands alone, run as ``medseek`` runs them."""
+    from medseek.cli import Parser, add_log_level, dispatch
+
+    parser = Parser(prog="python -m medseek.serve")
+    add_log_level(parser)
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return dispatch(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

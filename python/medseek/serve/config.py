@@ -11,6 +11,8 @@ from medseek.index.faiss_config import FaissConfig, MilvusConfig
 from medseek.io import DeidConfig, ReadLimits
 from medseek.search import SearchConfig
 
+from .draft_llm import DraftConfig
+
 _MIB = 1024 * 1024
 
 #: What the server's readers accept of one upload (``ServeConfig.limits``), tighter than a
@@ -245,6 +247,19 @@ class ServeConfig:
     index_per_collection : mapping of str to FaissConfig or MilvusConfig
         Overrides by collection name, e.g. an exact index for a small ``report``
         collection beside an HNSW ``image`` one.
+    workers : int
+        Server processes sharing ``port`` (``SO_REUSEPORT``: the kernel spreads
+        connections over them) and the store (``medseek.serve.workers``). Each holds its
+        own index, caught up from the store's changelog before every search batch, so a
+        write acknowledged by one worker is seen by the next search of any worker.
+    draft : DraftConfig
+        How ``Draft`` writes a report (the ``[draft]`` table; ``medseek.serve.draft_llm``).
+    auto_regions : bool
+        Find named regions with the shipped localisers (``medseek.serve.auto_regions``):
+        an image ingested without ``regions`` whose body part a localiser covers (WRIST,
+        HAND; CHEST in a PA/AP view) gets its boxes as region children marked automatic,
+        and a region query with a name but no box gets the localiser's box on the query
+        image. Off by default (trained on phantoms); the CLI's ``--auto-regions``.
     model : str
         Embedding model tag of the store's vectors.
     tokens : tuple of str
@@ -295,6 +310,26 @@ class ServeConfig:
         MiniLM sentence embedding + laterality-aware finding concepts, embedded in process;
         ``joint``, the dual encoder's text tower. None: what the store's report collection
         already holds (an existing store keeps its embedding), ``hybrid`` for a new one.
+    pacs_mode : {"research", "clinical"}
+        ``research`` (the default, as before): hits carry pseudonyms only. ``clinical``
+        (chosen explicitly, never by a default): the server also keeps, apart from the
+        store, each DICOM item's original Study/Series/SOP Instance UIDs
+        (``medseek.serve.reident``) and returns them with a viewer URL on the hits of a
+        ``Search`` that asks ``reidentify``, to ``reident_tokens`` callers only, each such
+        answer written first to ``audit_log``. Needs ``deid``, ``pacs_viewer_url`` and
+        ``reident_tokens``.
+    pacs_viewer_url : str, optional
+        Clinical mode: the PACS viewer URL of a hit, a template with ``{study_uid}``
+        (and optionally ``{series_uid}``, ``{sop_uid}``), e.g. OHIF's
+        ``https://pacs/viewer?StudyInstanceUIDs={study_uid}``.
+    reident_tokens : tuple of (name, token)
+        Clinical mode: the callers allowed to re-identify; the name (never the token) is
+        what the audit log records. Their tokens are also accepted bearer tokens. Read
+        from ``reident_tokens_file``, one ``name token`` per line.
+    reident_path, audit_log : Path, optional
+        Clinical mode: the re-identification map (SQLite, mode 0600) and the audit log
+        (JSON lines, mode 0600); default ``<store>.reident.sqlite`` and
+        ``<store>.audit.jsonl``.
     """
 
     store_path: Path
@@ -323,14 +358,24 @@ class ServeConfig:
     budget: RequestBudget = RequestBudget()
     report_ranker: str | None = None
     insecure_public: bool = False
+    pacs_mode: str = "research"
+    pacs_viewer_url: str | None = None
+    reident_tokens: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    reident_path: Path | None = None
+    audit_log: Path | None = None
     index: FaissConfig | MilvusConfig = FaissConfig()
     index_per_collection: dict = field(default_factory=dict)
+    workers: int = 1
+    draft: DraftConfig = DraftConfig()
+    auto_regions: bool = False
 
     def __post_init__(self) -> None:
         for cfg in (self.index, *self.index_per_collection.values()):
             if not isinstance(cfg, (FaissConfig, MilvusConfig)):
                 raise ValueError(f"index must be a FaissConfig or MilvusConfig, got {cfg!r}")
         object.__setattr__(self, "index_per_collection", dict(self.index_per_collection))
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {self.workers!r}")
         if self.report_ranker not in (None, "hybrid", "joint"):
             raise ValueError(f"report_ranker must be 'hybrid', 'joint' or None, "
                              f"got {self.report_ranker!r}")
@@ -342,6 +387,7 @@ class ServeConfig:
         if any(not isinstance(t, str) or len(t) < 8 for t in tokens):
             raise ValueError("tokens must be str of at least 8 characters")
         object.__setattr__(self, "tokens", tokens)
+        self._check_pacs_mode()
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together, got one of them")
         if not (is_loopback(self.host) or tokens or self.tls_cert is not None
@@ -370,6 +416,50 @@ class ServeConfig:
             raise ValueError(
                 f"metrics_port must be in [0, 65535] or None, got {self.metrics_port!r}")
 
+    def _check_pacs_mode(self) -> None:
+        """Clinical mode's needs (``pacs_mode``); its callers' tokens join ``tokens``."""
+        if self.pacs_mode not in ("research", "clinical"):
+            raise ValueError(f"pacs_mode must be 'research' or 'clinical', got {self.pacs_mode!r}")
+        named = tuple(tuple(p) for p in self.reident_tokens)
+        if any(len(p) != 2 or not all(isinstance(v, str) for v in p) for p in named):
+            raise ValueError("reident_tokens must be (name, token) pairs of str")
+        if self.pacs_mode == "research":
+            extra = [n for n, v in (("pacs_viewer_url", self.pacs_viewer_url),
+                                    ("reident_tokens", named), ("reident_path", self.reident_path),
+                                    ("audit_log", self.audit_log)) if v]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} are for pacs_mode 'clinical'; the server "
+                                 f"is in pacs_mode 'research' (set pacs_mode = 'clinical' "
+                                 f"explicitly to re-identify)")
+            return
+        from .reident import check_viewer_template
+
+        if self.deid is None:
+            raise ValueError("pacs_mode 'clinical' needs deid (deid_key_file): the store "
+                             "stays de-identified, the UIDs are kept apart")
+        if self.pacs_viewer_url is None:
+            raise ValueError("pacs_mode 'clinical' needs pacs_viewer_url (a template with "
+                             "{study_uid})")
+        check_viewer_template(self.pacs_viewer_url)
+        if not named:
+            raise ValueError("pacs_mode 'clinical' needs reident_tokens (reident_tokens_file: "
+                             "'name token' lines): nobody could re-identify otherwise")
+        names = [n for n, _ in named]
+        if (any(not n or not n.isprintable() or " " in n for n in names)
+                or len(set(names)) != len(names)):
+            raise ValueError("reident_tokens names must be unique, non-empty, printable and "
+                             "without spaces")
+        if any(len(t) < 8 for _, t in named):
+            raise ValueError("reident_tokens tokens must be at least 8 characters")
+        object.__setattr__(self, "reident_tokens", named)
+        object.__setattr__(self, "tokens", tuple(dict.fromkeys(
+            (*self.tokens, *(t for _, t in named)))))
+        store = Path(self.store_path)
+        object.__setattr__(self, "reident_path", Path(
+            self.reident_path or store.with_name(store.name + ".reident.sqlite")))
+        object.__setattr__(self, "audit_log", Path(
+            self.audit_log or store.with_name(store.name + ".audit.jsonl")))
+
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
@@ -378,7 +468,7 @@ class ServeConfig:
 _SECTIONS = {"encode_batch": BatchConfig, "encode_lanes": EncodeLanes,
              "search_batch": BatchConfig,
              "search": SearchConfig, "preprocess": PreprocessSpec, "limits": ReadLimits,
-             "budget": RequestBudget}
+             "budget": RequestBudget, "draft": DraftConfig}
 
 
 def index_config(raw: dict, where: str = "index",
@@ -425,7 +515,9 @@ def config_from_dict(raw: dict, base_dir: Path | None = None, **overrides) -> Se
     raw = dict(raw)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     known = {f.name for f in fields(ServeConfig)} - {"tokens", "deid"}
-    unknown = sorted(set(raw) - known - {"tokens_file", "deid_key_file"})
+    secrets = {"tokens_file", "deid_key_file", "reident_tokens_file"}
+    known -= {"reident_tokens"}
+    unknown = sorted(set(raw) - known - secrets)
     if unknown:
         raise ValueError(f"unknown serve config keys {unknown}; known: {sorted(known)}")
     kwargs = {}
@@ -442,8 +534,11 @@ def config_from_dict(raw: dict, base_dir: Path | None = None, **overrides) -> Se
                 raise ValueError(f"{key} must be a table/object, got {value!r}")
             kwargs[key] = (replace(SERVE_LIMITS, **value) if key == "limits"
                            else _SECTIONS[key](**value))
-        elif key in ("store_path", "index_dir", "tls_cert", "tls_key"):
+        elif key in ("store_path", "index_dir", "tls_cert", "tls_key", "reident_path",
+                     "audit_log"):
             kwargs[key] = base / value
+        elif key == "reident_tokens_file":
+            kwargs["reident_tokens"] = named_tokens((base / value).read_text(), value)
         elif key == "tokens_file":
             lines = (base / value).read_text().splitlines()
             kwargs["tokens"] = tuple(t.strip() for t in lines if t.strip())
@@ -453,6 +548,21 @@ def config_from_dict(raw: dict, base_dir: Path | None = None, **overrides) -> Se
             kwargs[key] = value
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     return ServeConfig(**kwargs)
+
+
+def named_tokens(text: str, source: str) -> tuple[tuple[str, str], ...]:
+    """``name token`` lines (blank lines and ``#`` comments skipped) -> pairs; a bad line
+    is named by its number, never quoted (it holds a token)."""
+    pairs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"{source}:{n}: expected 'name token', got {len(parts)} fields")
+        pairs.append((parts[0], parts[1]))
+    return tuple(pairs)
 
 
 def load_config(path: str | Path, **overrides) -> ServeConfig:

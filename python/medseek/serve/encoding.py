@@ -173,9 +173,15 @@ class Encoding:
     def route(self, kind: str, collection: str, field: str) -> str:
         """The encoder route of ``kind`` content bound for ``collection``: text of a
         hybrid report collection goes to the report ranker ("report_text"); nothing but
-        text (or a stored report's item_id) can enter or query that collection."""
+        text (or a stored report's item_id) can enter or query that collection. Text
+        for an image-only encoder (``encodes_text`` False: a DINOv2 checkpoint) is
+        refused here, naming ``field``."""
         r = self.report_ranker
         if r is None or r.encoder is None or collection != r.collection:
+            if kind == "text" and not getattr(self.encoder, "encodes_text", True):
+                raise ing.InvalidField(field, f"collection {collection!r} is served by an "
+                                              "image-only encoder (no text tower): query it "
+                                              "with an image or an item_id")
             return kind
         if kind != "text":
             raise ing.InvalidField(field, f"collection {collection!r} holds hybrid report "

@@ -9,6 +9,7 @@ Client faults keep their message, which names the request field at fault:
 - RESOURCE_EXHAUSTED: a full queue or a request over a budget (``QueueFull``,
   ``OverBudget``, ``LimitExceededError``);
 - FAILED_PRECONDITION: well formed, but the stored data cannot answer (``FailedPrecondition``);
+- PERMISSION_DENIED: the caller's token lacks the role asked for (``PermissionDenied``);
 - UNAVAILABLE: the encoder's backend is down (the servicer's ``unavailable_errors``).
 
 Anything else is a bug of the server: our own ``TypeError``, ``KeyError`` or
@@ -56,6 +57,11 @@ class NotFound(LookupError):
 class FailedPrecondition(RuntimeError):
     """The request is well formed but the stored data cannot answer it (e.g. a diagnosis
     over a collection that holds no items, or no labels)."""
+
+
+class PermissionDenied(RuntimeError):
+    """An authenticated caller asks for what its token's role does not allow (e.g.
+    re-identification without a ``reident_tokens`` token)."""
 
 
 class OverBudget(RuntimeError):
@@ -137,6 +143,8 @@ def classify(exc: BaseException, unavailable: tuple = (), where: str = "request"
         return Failure(grpc.StatusCode.NOT_FOUND, str(exc))
     if isinstance(exc, FailedPrecondition):
         return Failure(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, PermissionDenied):
+        return Failure(grpc.StatusCode.PERMISSION_DENIED, str(exc))
     if isinstance(exc, (QueueFull, OverBudget, LimitExceededError)):
         return Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, MedicalImageError):

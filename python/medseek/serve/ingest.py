@@ -327,19 +327,25 @@ def build_record(item, collection: str, dec: Decoded, field: str) -> ItemRecord:
             view=item.view or dec.view, labels=tuple(item.labels),
             patient_pseudonym=dec.patient_pseudonym or item.patient_pseudonym or None,
             study_pseudonym=dec.study_pseudonym or item.study_pseudonym or None,
-            source_document=item.source_document or None, content_sha256=dec.sha256)
+            source_document=item.source_document or None, content_sha256=dec.sha256,
+            report_text=item.report if item.report.strip() else None)
     except (ValueError, TypeError) as exc:
         raise InvalidField(field, str(exc)) from None
 
 
-def region_record(parent: ItemRecord, region, collection: str, field: str) -> ItemRecord:
-    """The store record of a region crop of ``parent``: id ``<parent id>/region/<name>``,
-    the parent's metadata and provenance, ``parent_id``, ``region`` and ``box``."""
+def region_record(parent: ItemRecord, region, collection: str, field: str,
+                  automatic: bool = False) -> ItemRecord:
+    """The store record of a region crop of ``parent``: id ``<parent id>/region/<name>``
+    (``<parent id>/region/auto/<name>`` when the server's localiser found the box,
+    ``medseek.serve.auto_regions``), the parent's metadata and provenance, ``parent_id``,
+    ``region`` and ``box``."""
     check_region_name(region.name, f"{field}.name")
     box = (region.box.x0, region.box.y0, region.box.x1, region.box.y1)
+    child_id = (f"{parent.id}/region/auto/{region.name}" if automatic
+                else f"{parent.id}/region/{region.name}")
     try:
         return ItemRecord(
-            id=f"{parent.id}/region/{region.name}", collection=collection,
+            id=child_id, collection=collection,
             modality=parent.modality, body_part=parent.body_part, view=parent.view,
             labels=parent.labels, patient_pseudonym=parent.patient_pseudonym,
             study_pseudonym=parent.study_pseudonym, source_document=parent.source_document,

@@ -5,7 +5,9 @@ share micro-batches of their lane, and one call holds at most half a lane's queu
 committed ``max_batch`` at a time on the index thread, and each is acknowledged only after
 its commit. A volume's chunks and organs are stored as its
 children, each with a half-open z-range ``[z0, z1)`` of slices of the volume as uploaded
-(``medseek.search.query``); an image's regions as children with a box.
+(``medseek.search.query``); an image's regions as children with a box. In clinical mode
+(``ServeConfig.pacs_mode``) the original UIDs of each committed DICOM item are kept apart
+from the store, in the re-identification map (``medseek.serve.reident``).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from medseek.search.rerank import organ_embedding
 
 from . import ingest as ing
 from . import regions as rp
+from .auto_regions import AutoRegions
 from .encoding import LANE_OF, Encoding, run_in
 from .errors import NotFound, Undecodable, classify
+from .reident import origin_of_upload
 from .v1 import retrieval_pb2 as pb
 
 
@@ -39,13 +43,18 @@ class IngestService:
         The index thread: store writes and catalog syncs run there, one at a time.
     unavailable : tuple of exception types
         Errors of the encoder that mean its backend is down (-> UNAVAILABLE).
+    reident : ReidentMap, optional
+        Clinical mode: where the original UIDs of committed DICOM items are kept.
     """
 
     def __init__(self, config, encoding: Encoding, store, catalog, metrics,
-                 index_pool: ThreadPoolExecutor, unavailable: tuple = ()) -> None:
+                 index_pool: ThreadPoolExecutor, unavailable: tuple = (),
+                 reident=None) -> None:
         self.config, self.encoding, self.store, self.catalog = config, encoding, store, catalog
+        self.reident = reident
         self.metrics, self.index_pool, self.unavailable = metrics, index_pool, unavailable
         self.reader = store.reader()  # children of updated items (on the index thread)
+        self.auto_regions = AutoRegions() if getattr(config, "auto_regions", False) else None
         # items of one Ingest call in flight at once: a batch, and of each encode lane's
         # items at most half its queue
         b = config.encode_batch
@@ -105,11 +114,24 @@ class IngestService:
         return resp
 
     async def _prepare(self, item, i: int):
+        """Decode and encode one item: (record, embedding, [(child record, embedding)],
+        origin), the origin (original UIDs) read in clinical mode only, else None."""
+        prepared = await self._prepare_content(item, i)
+        kind = item.WhichOneof("content")
+        origin = None
+        if self.reident is not None and kind in ("image", "volume"):
+            origin = await asyncio.to_thread(origin_of_upload, getattr(item, kind),
+                                             f"items[{i}].{kind}", self.config.limits)
+        return (*prepared, origin)
+
+    async def _prepare_content(self, item, i: int):
         """Decode and encode one item: (record, embedding, [(child record, embedding)])."""
         kind = item.WhichOneof("content")
         ing.check_item_id(item.id, f"items[{i}].id")  # printable, bounded, not reserved
         if kind is None:
             raise ing.InvalidField(f"items[{i}].content", "one of text, image, volume is required")
+        if item.report.strip():  # the report kept for Draft: bounded as query text is
+            ing.decode_text(item.report, f"items[{i}].report", self.config.budget)
         field = f"items[{i}].{kind}"
         dec = await self.encoding.decode(kind, getattr(item, kind), field)
         collection = item.collection or ing.DEFAULT_COLLECTION[kind]
@@ -123,7 +145,8 @@ class IngestService:
             return await self._prepare_volume(item, i, dec, record)
         children, inputs = [], []  # inputs: model-input boxes, or crops (serve.regions)
         head = self.encoding.region_pathway == rp.REGION_HEAD
-        for j, region in enumerate(item.regions):
+        regions, automatic = await self._auto_regions(item, kind, dec, record)
+        for j, region in enumerate(regions):
             rfield = f"items[{i}].regions[{j}]"
             if kind != "image":
                 raise ing.InvalidField(rfield, "regions need an image or a volume item")
@@ -132,7 +155,7 @@ class IngestService:
                                                "(a z_range is for a volume's organs)")
             self.encoding.check_pathway(f"items[{i}].regions")
             children.append(ing.region_record(record, region, self.config.search.region_collection,
-                                              rfield))
+                                              rfield, automatic=automatic))
             if head:
                 inputs.append(ing.model_box(dec.pixels.shape, region.box, f"{rfield}.box",
                                             self.config.preprocess))
@@ -146,6 +169,15 @@ class IngestService:
                                     *(self.encoding.encode("image", f"items[{i}].regions[{j}]", c)
                                       for j, c in enumerate(inputs)))
         return record, embs[0], list(zip(children, embs[1:]))
+
+    async def _auto_regions(self, item, kind: str, dec: ing.Decoded, record) -> tuple[list, bool]:
+        """The item's regions, or with ``auto_regions`` on, for an image sent without any,
+        the localiser's (``medseek.serve.auto_regions``); True when they are the latter."""
+        if self.auto_regions is None or kind != "image" or item.regions:
+            return list(item.regions), False
+        found = await asyncio.to_thread(self.auto_regions.regions_of, dec.pixels,
+                                        record.body_part, record.view)
+        return found, bool(found)
 
     async def _prepare_volume(self, item, i: int, dec: ing.Decoded, record):
         """A volume with its chunks and organs as children: each chunk's embedding, and for
@@ -209,7 +241,7 @@ class IngestService:
                     self.unavailable, "Ingest").proto())
 
     def _commit(self, batch: list) -> list:
-        """On the index thread: store prepared items [(record, embedding, children)].
+        """On the index thread: store prepared items [(record, embedding, children, origin)].
 
         Returns, per item, ``(UpsertResult or exception, exception or None)``: the item's
         result (or why nothing of it was stored), and why its children were not stored.
@@ -218,7 +250,7 @@ class IngestService:
         results = self._upsert_by_dim([b[0] for b in batch], [b[1] for b in batch])
         written = {r.id for r in results if not isinstance(r, BaseException)
                    and r.status != "duplicate"}
-        families = [(rec.id, cs) for rec, _, cs in batch if rec.id in written and cs]
+        families = [(rec.id, cs) for rec, _, cs, _ in batch if rec.id in written and cs]
         parts_errors: dict[str, BaseException] = {}
         if families:
             try:
@@ -233,12 +265,23 @@ class IngestService:
         try:  # the items are committed: whatever fails now must not cost their acks
             self._drop_stale_children([r.id for r in results if not isinstance(r, BaseException)
                                        and r.status == "updated"], kept)
+            self._record_origins(batch, results)
             self.catalog.sync()
             self.update_index_gauges()
         except Exception as exc:  # noqa: BLE001 - INTERNAL, logged; the next sync catches up
             classify(exc, self.unavailable, "Ingest")
         return [(r, None if isinstance(r, BaseException) else parts_errors.get(r.id))
                 for r in results]
+
+    def _record_origins(self, batch: list, results: list) -> None:
+        """Clinical mode: the original UIDs of the items just written (an item written
+        from non-DICOM content loses any origin its id had); nothing in research mode."""
+        if self.reident is None:
+            return
+        written = [(b[0].id, b[3]) for b, r in zip(batch, results)
+                   if not isinstance(r, BaseException) and r.status != "duplicate"]
+        self.reident.record({i: o for i, o in written if o is not None})
+        self.reident.forget([i for i, o in written if o is None])
 
     def _store_children(self, kids: list) -> None:
         """Upsert [(child record, embedding)] (one transaction), recording the store's region
@@ -293,6 +336,8 @@ class IngestService:
         if missing:
             raise NotFound(f"ids: no stored items {missing[:5]}")
         deleted = self.store.delete(ids)
+        if self.reident is not None:
+            self.reident.forget(list(deleted))
         self.catalog.sync()
         self.update_index_gauges()
         return pb.DeleteResponse(deleted=deleted)

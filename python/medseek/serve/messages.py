@@ -6,6 +6,7 @@ import numpy as np
 
 from medseek.index import ItemRecord
 
+from .auto_regions import is_automatic
 from .errors import FailedPrecondition, NotFound, status_of  # noqa: F401 - moved to errors
 from .v1 import retrieval_pb2 as pb
 
@@ -17,7 +18,8 @@ def item_message(record: ItemRecord, embedding: np.ndarray | None = None) -> pb.
                   study_pseudonym=record.study_pseudonym or "",
                   source_document=record.source_document or "",
                   parent_id=record.parent_id or "", region=record.region or "",
-                  content_sha256=record.content_sha256 or "")
+                  content_sha256=record.content_sha256 or "",
+                  automatic=is_automatic(record))
     if record.box is not None:
         msg.box.CopyFrom(pb.Box(x0=record.box[0], y0=record.box[1], x1=record.box[2],
                                 y1=record.box[3]))

@@ -7,6 +7,9 @@ pipeline: the ANN of a micro-batch on the index thread, the rest (store reads, r
 diversify, explain) on a search thread while the next micro-batch's ANN runs. Requests
 with equal collection, options and region name share a micro-batch; nothing is cached per
 option. z-ranges are half-open ``[z_start, z_end)`` (``medseek.search.query``).
+In clinical mode a Search asking ``reidentify`` is authorised (``reident_caller``) before
+any work, and its hits get their PACS origin after an audit line is written
+(``reidentify``; ``medseek.serve.reident``).
 """
 
 from __future__ import annotations
@@ -26,10 +29,14 @@ from medseek.search.rerank import organ_embedding
 
 from . import ingest as ing
 from . import regions as rp
+from .auto_regions import AutoRegions, locate_query_region
 from .batcher import MicroBatcher
 from .encoding import Encoding, run_in
-from .errors import FailedPrecondition, NotFound
+from .auth import caller_name
+from .contrastive_service import contrastive_diagnosis
+from .errors import FailedPrecondition, NotFound, PermissionDenied
 from .messages import item_message
+from .reident import viewer_url
 from .v1 import retrieval_pb2 as pb
 
 #: default softmax temperature of the Diagnose vote (a cosine 0.1 higher weighs e times more)
@@ -76,13 +83,18 @@ class QueryService:
     metrics : ServerMetrics
     index_pool : ThreadPoolExecutor
         The index thread (ANN searches, store writes, catalog syncs).
+    reident, audit : ReidentMap, AuditLog, optional
+        Clinical mode: the original UIDs of stored items, and the log of who saw them.
     """
 
     def __init__(self, config, encoding: Encoding, store, catalog, pipeline, metrics,
-                 index_pool: ThreadPoolExecutor) -> None:
+                 index_pool: ThreadPoolExecutor, reident=None, audit=None) -> None:
         self.config, self.encoding, self.store = config, encoding, store
+        self.reident, self.audit = reident, audit
         self.catalog, self.pipeline, self.metrics = catalog, pipeline, metrics
         self.index_pool = index_pool
+        self.auto_regions = AutoRegions() if getattr(config, "auto_regions", False) else None
+        self._seen_seq = 0  # workers > 1: the store seq this worker's index has caught up to
         self.reader = store.reader()  # stored-item queries, on the search threads
         # after the ANN: store reads, rerank, diversify, explain (own SQLite connections)
         self.search_pool = ThreadPoolExecutor(config.search_threads,
@@ -116,6 +128,8 @@ class QueryService:
             if region is not None and kind == "volume":
                 vec, region_emb = await self._volume_organ_query(dec, region)
             elif region is not None:
+                if kind == "image":  # a name without a box: the localiser's (auto_regions)
+                    region = await locate_query_region(self.auto_regions, dec.pixels, region)
                 if kind != "image" or region.box is None:
                     raise ing.InvalidField("region.box", "a region rerank needs an image query "
                                                          "with a box, a volume query with a "
@@ -133,6 +147,21 @@ class QueryService:
         key = (collection, options, region.name if region else None)
         result = await self.batcher.submit(key, (vec, region_emb))
         return self._response(result, k, exclude, query.request_id)
+
+    async def search_embedding(self, vec: np.ndarray, collection: str, options: QueryOptions,
+                               exclude: str | None, request_id: str) -> pb.SearchResponse:
+        """The plain top ``options.k`` of an embedding already made (Draft needs the query
+        vector itself too), ``exclude`` (a stored query item) left out."""
+        k = options.k or self.config.search.k
+        wanted = k + (exclude is not None)
+        options = replace(options, k=wanted, k_prime=wanted, diversify=False)
+        result = await self.batcher.submit((collection, options, None), (vec, None))
+        return self._response(result, k, exclude, request_id)
+
+    def stored_embedding(self, item_id: str) -> tuple[np.ndarray, str]:
+        """A stored item's embedding and collection (NOT_FOUND when it has none)."""
+        vec, collection, _ = self._stored_query(item_id, "")
+        return vec, collection
 
     def _response(self, result, k: int, exclude: str | None,
                   request_id: str) -> pb.SearchResponse:
@@ -157,6 +186,37 @@ class QueryService:
             resp.timings_ms[stage] = seconds * 1e3
             self.metrics.stage.labels(stage).observe(seconds)
         return resp
+
+    # -- clinical re-identification -------------------------------------------------------
+    def reident_caller(self, metadata) -> str:
+        """The name of the caller allowed to re-identify, checked before a search runs:
+        FAILED_PRECONDITION in research mode, PERMISSION_DENIED for a token without the
+        role (the caller's name is not known then; nothing is logged)."""
+        if self.config.pacs_mode != "clinical" or self.reident is None:
+            raise FailedPrecondition("reidentify: the server is in pacs_mode 'research': it "
+                                     "keeps no original UIDs")
+        name = caller_name(metadata, self.config.reident_tokens)
+        if name is None:
+            raise PermissionDenied("reidentify: this caller's token has no re-identification "
+                                   "role (ServeConfig.reident_tokens)")
+        return name
+
+    async def reidentify(self, resp: pb.SearchResponse, caller: str, rpc: str) -> None:
+        """Set each hit's ``origin`` (a region or chunk hit: its parent's), after the
+        audit line naming ``caller`` and the studies shown is on disk."""
+        def work() -> None:
+            keys = {h.id: h.item.parent_id or h.id for h in resp.hits}
+            found = self.reident.lookup(sorted(set(keys.values())))
+            shown = [(h, found[keys[h.id]]) for h in resp.hits if keys[h.id] in found]
+            self.audit.write(caller, rpc, resp.request_id,
+                             sorted({o.study_uid for _, o in shown}), [h.id for h, _ in shown])
+            for hit, o in shown:  # only once the audit line is written
+                hit.origin.CopyFrom(pb.PacsOrigin(
+                    study_instance_uid=o.study_uid, series_instance_uid=o.series_uid,
+                    sop_instance_uids=list(o.sop_uids),
+                    viewer_url=viewer_url(self.config.pacs_viewer_url, o)))
+
+        await asyncio.to_thread(work)
 
     async def _image_region_query(self, dec: ing.Decoded, box: Box):
         """Query and region embeddings of an image query with ``region.box``, by this
@@ -221,6 +281,8 @@ class QueryService:
         """On the index thread: filter + ANN of a micro-batch; ``_search_finish`` does the
         rest on a search thread while the next micro-batch's ANN runs."""
         collection, options, _ = key
+        if self.config.workers > 1:
+            self._catch_up()
         try:
             self.catalog.index(collection)
         except ValueError:
@@ -232,6 +294,15 @@ class QueryService:
             raise
         except ValueError as exc:
             raise ing.InvalidField("query", str(exc)) from None
+
+    def _catch_up(self) -> None:
+        """On the index thread, one of several workers: apply what other workers wrote to
+        the store since this worker's index last looked (one ``last_seq`` read when
+        nothing changed), so a write acknowledged anywhere is found by this search."""
+        last = self.store.last_seq()
+        if last > self._seen_seq:
+            self.catalog.sync()  # new collections are built, the others caught up
+            self._seen_seq = last
 
     def _search_finish(self, key, payloads: list, batch) -> list:
         """On a search thread: store reads, rerank, diversify, explain of a micro-batch.
@@ -295,6 +366,8 @@ class QueryService:
         resp.neighbours.extend(found.hits)
         for stage, ms in found.timings_ms.items():
             resp.timings_ms[stage] = ms
+        if request.hypotheses:  # contrastive evidence sets and a decision that may abstain
+            resp.contrastive.CopyFrom(await contrastive_diagnosis(self, request, collection))
         return resp
 
     def _collection_of(self, item_id: str) -> str:

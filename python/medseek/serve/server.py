@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name
 
 
-def concept_bank(encoder) -> ConceptBank:
+def concept_bank(encoder) -> ConceptBank | None:
     """The concepts that explain a match (CEMRAG).
 
     The encoder's own calibrated finding bank when its model has a finding head (a
@@ -45,12 +45,14 @@ def concept_bank(encoder) -> ConceptBank:
     validation split); otherwise each finding of the lexicon against its negation, as
     paired prompts ("pleural effusion" / "no pleural effusion"). A plain prompt cosine has
     no zero point: it is positive for nearly every item, so every hit got the same
-    concepts.
+    concepts. None for an image-only encoder (``encodes_text`` False): no prompts to embed.
     """
     own = getattr(encoder, "concept_bank", None)
     bank = own() if callable(own) else None
     if bank is not None:
         return bank
+    if not getattr(encoder, "encodes_text", True):
+        return None
     names = tuple(f.name for f in FINDINGS)
     return ConceptBank.from_prompt_pairs(names, encoder.encode_texts(list(names)),
                                          encoder.encode_texts([f"no {n}" for n in names]))
@@ -181,7 +183,8 @@ def create_server(config: ServeConfig, encoder, *,
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
         ("grpc.max_send_message_length", config.max_send_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # a second server on a taken port fails, unless this is one of several workers
+        ("grpc.so_reuseport", int(config.workers > 1)),
     ])
     add_retrieval(server, service)
     health_servicer = add_health(server, [SERVICE_NAME])

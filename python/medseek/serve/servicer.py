@@ -26,8 +26,10 @@ from google.protobuf.message import DecodeError
 
 from . import ingest as ing
 from .encoding import Encoding, run_in
+from .draft_service import DraftService
 from .errors import Failure, OverBudget, Undecodable, classify, decoded, status_of
 from .ingest_service import IngestService
+from .reident import AuditLog, ReidentMap
 from .query_service import DIAGNOSE_TEMPERATURE, QueryService, query_from_request
 from .routed import input_geometry, volume_preprocessing
 from .v1 import retrieval_pb2 as pb
@@ -67,10 +69,15 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         self.unavailable = tuple(unavailable_errors)
         self.index_pool = _index_pool(config, encoder.dim)
         self.encoding = Encoding(config, encoder, store, metrics, report_ranker)
+        self.reident = audit = None
+        if config.pacs_mode == "clinical":  # the original UIDs, kept apart from the store
+            self.reident, audit = ReidentMap(config.reident_path), AuditLog(config.audit_log)
         self.queries = QueryService(config, self.encoding, store, catalog, pipeline, metrics,
-                                    self.index_pool)
+                                    self.index_pool, self.reident, audit)
         self.ingests = IngestService(config, self.encoding, store, catalog, metrics,
-                                     self.index_pool, self.unavailable)
+                                     self.index_pool, self.unavailable, self.reident)
+        self.drafts = DraftService(config, self.encoding, store, pipeline, self.queries,
+                                   self.index_pool)
 
     @property
     def encode_batcher(self):
@@ -90,6 +97,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         await self.queries.close()
         self.ingests.close()
         self.index_pool.shutdown(wait=True)
+        if self.reident is not None:
+            self.reident.close()
 
     # -- plumbing ---------------------------------------------------------------------
     async def _guarded(self, method: str, context, work):
@@ -124,8 +133,17 @@ class RetrievalService(pb_grpc.RetrievalServicer):
 
     # -- reads ------------------------------------------------------------------------
     async def Search(self, request, context):
-        return await self._guarded("Search", context, lambda: self.queries.search(
-            query_from_request(decoded(request))))
+        async def work():
+            req = decoded(request)
+            # authorised before any work; the origins are set after the audit line
+            caller = (self.queries.reident_caller(context.invocation_metadata())
+                      if req.reidentify else None)
+            resp = await self.queries.search(query_from_request(req))
+            if caller is not None:
+                await self.queries.reidentify(resp, caller, "Search")
+            return resp
+
+        return await self._guarded("Search", context, work)
 
     async def SearchStream(self, request_iterator, context):
         """Answer each request of the stream as it is done (its ``request_id`` echoed).
@@ -146,6 +164,9 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         async def answer(req) -> None:
             t0, code = time.perf_counter(), grpc.StatusCode.OK
             try:
+                if req.reidentify:
+                    raise ing.InvalidField("reidentify", "is answered by Search only, one "
+                                                         "audited query at a time")
                 resp = await self.queries.search(query_from_request(req))
             except Exception as exc:  # noqa: BLE001 - this request's error; the stream goes on
                 failure = classify(exc, self.unavailable, "SearchStream")
@@ -204,6 +225,10 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     async def Diagnose(self, request, context):
         return await self._guarded("Diagnose", context,
                                    lambda: self.queries.diagnose(decoded(request)))
+
+    async def Draft(self, request, context):
+        return await self._guarded("Draft", context,
+                                   lambda: self.drafts.draft(decoded(request)))
 
     async def Get(self, request, context):
         return await self._guarded("Get", context, lambda: run_in(

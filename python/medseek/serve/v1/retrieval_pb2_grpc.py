@@ -69,6 +69,11 @@ class RetrievalStub:
                 request_serializer=medseek_dot_v1_dot_retrieval__pb2.DiagnoseRequest.SerializeToString,
                 response_deserializer=medseek_dot_v1_dot_retrieval__pb2.DiagnoseResponse.FromString,
                 _registered_method=True)
+        self.Draft = channel.unary_unary(
+                '/medseek.v1.Retrieval/Draft',
+                request_serializer=medseek_dot_v1_dot_retrieval__pb2.DraftRequest.SerializeToString,
+                response_deserializer=medseek_dot_v1_dot_retrieval__pb2.DraftResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServicer:
@@ -126,6 +131,15 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Draft(self, request, context):
+        """A report draft for an image (CEMRAG): sentences of the k nearest stored images'
+        reports (IngestItem.report), checked against the image's own finding concepts; every
+        sentence names the report it came from and the concepts behind it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +177,11 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.Diagnose,
                     request_deserializer=medseek_dot_v1_dot_retrieval__pb2.DiagnoseRequest.FromString,
                     response_serializer=medseek_dot_v1_dot_retrieval__pb2.DiagnoseResponse.SerializeToString,
+            ),
+            'Draft': grpc.unary_unary_rpc_method_handler(
+                    servicer.Draft,
+                    request_deserializer=medseek_dot_v1_dot_retrieval__pb2.DraftRequest.FromString,
+                    response_serializer=medseek_dot_v1_dot_retrieval__pb2.DraftResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +373,33 @@ class Retrieval:
             '/medseek.v1.Retrieval/Diagnose',
             medseek_dot_v1_dot_retrieval__pb2.DiagnoseRequest.SerializeToString,
             medseek_dot_v1_dot_retrieval__pb2.DiagnoseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Draft(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medseek.v1.Retrieval/Draft',
+            medseek_dot_v1_dot_retrieval__pb2.DraftRequest.SerializeToString,
+            medseek_dot_v1_dot_retrieval__pb2.DraftResponse.FromString,
             options,
             channel_credentials,
             insecure,
