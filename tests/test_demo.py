@@ -88,6 +88,18 @@ def check_run(out: Path, text: str) -> dict:
     assert summary["sites"]["wrist"]["ingest"]["collections"].get("region", 0) > 0
     assert "distal radius (" in text
     assert set(summary["sites"]["wrist"]["metrics"]) == {"global", "region rerank (distal radius)"}
+    # reasoning over the retrieved cases: a grounded report draft of a held-out chest image,
+    # and a contrastive wrist diagnosis that answers or abstains with its evidence sets
+    draft = summary["sites"]["chest-xr"]["draft"]
+    assert draft["sentences"] > 0 and draft["grounded"]
+    assert (out / "reasoning" / "draft.txt").read_text().strip()
+    contrastive = summary["sites"]["wrist"]["contrastive"]
+    assert contrastive["calibration"]["n"] > 0, contrastive
+    shown = [contrastive[k]["contrastive"] for k in ("answered", "abstained") if k in contrastive]
+    assert shown and all(c["evidence_sets"] for c in shown), contrastive
+    assert "margin threshold" in text
+    auto = summary["sites"]["wrist"]["auto_regions"]  # boxes the server's localiser found
+    assert auto["children"] > 0 and auto["mean_iou"] > 0.5 and auto["query_hits"] > 0, auto
     for name in ("MiniLM only", "MiniLM + side-aware concepts"):
         mean, lo, hi = summary["reports"][name]
         assert 0.0 <= lo <= mean <= hi <= 1.0

@@ -92,7 +92,18 @@ def test_reproduce_writes_a_release_with_test_metrics(tmp_path):
         assert 0 <= m["lo"] <= m["value"] <= m["hi"] <= 1, (name, m)
     assert (tmp_path / "runs" / "chest-xr" / "calibration.json").is_file()
     model = load_release(tmp_path / "release" / "chest-xr.json")
-    assert model.concept_bank() is not None
+    # the calibrated thresholds travel with the weights; findings never calibrated (all of
+    # them, after two steps) are left out of the concept bank
+    from medseek.text.concepts import concept_names
+    from medseek.train.calibrate import NEVER
+
+    cal = json.loads((tmp_path / "runs" / "chest-xr" / "calibration.json").read_text())
+    want = [cal[n]["threshold"] for n in concept_names()]
+    np.testing.assert_allclose(model.finding_threshold.float().numpy(), want, rtol=1e-3)
+    bank = model.concept_bank()
+    assert (bank is None) == all(t >= NEVER for t in want)
+    assert bank is None or set(bank.names) == {n for n, t in zip(concept_names(), want)
+                                               if t < NEVER}
     rows = compare_to_card(card, card)
     assert rows and all(r["ok"] for r in rows)
     worse = json.loads(json.dumps(card))

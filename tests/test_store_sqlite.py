@@ -47,12 +47,12 @@ def corpus():
 def test_wal_full_sync_and_schema_version(store, tmp_path):
     assert store.pragma("journal_mode") == "wal"
     assert store.pragma("synchronous") == 2  # FULL
-    assert store.pragma("user_version") == SCHEMA_VERSION == 2
+    assert store.pragma("user_version") == SCHEMA_VERSION == 3
     con = sqlite3.connect(tmp_path / "medseek.db")  # WAL is a property of the file
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     con.close()
-    with pytest.raises(RuntimeError, match="schema version 3 is newer"):
+    with pytest.raises(RuntimeError, match=f"schema version {SCHEMA_VERSION + 1} is newer"):
         Store(StoreConfig(tmp_path / "medseek.db"))
 
 

@@ -139,3 +139,33 @@ def test_explanation_quality_counts_shown_concepts_against_the_hits_findings():
     # findings both assert: (0,1) eff; (0,2) cardio; (1,0) eff; (1,2) none; (2,1) none;
     # (2,0) cardio -> 4, of which shown: eff, eff -> 2
     assert q["recall"] == pytest.approx(2 / 4)
+
+
+def test_findings_calibration_never_placed_are_left_out_of_the_bank():
+    """A finding with threshold NEVER cannot be told either way: the bank leaves it out, so
+    no caller reads its huge negative margin as strong evidence of absence."""
+    import torch
+
+    from medseek.models.factory import create_model
+    from medseek.search.explain import ConceptBank
+    from medseek.text.concepts import concept_names
+    from medseek.train.calibrate import NEVER
+
+    torch.manual_seed(0)
+    model = create_model("cxr-retrieval", pretrained_text=False).eval()
+    names = concept_names()
+    with torch.no_grad():
+        model.finding_threshold.zero_()
+        model.finding_threshold[[1, 4]] = NEVER
+    bank = model.concept_bank()
+    assert bank.names == tuple(n for i, n in enumerate(names) if i not in (1, 4))
+    e = torch.nn.functional.normalize(torch.randn(3, model.embed_dim), dim=1)
+    full = ConceptBank.from_linear(names, model.finding_head.weight.detach().numpy(),
+                                   model.finding_head.bias.detach().numpy(),
+                                   model.finding_threshold.numpy())
+    keep = [i for i in range(len(names)) if i not in (1, 4)]
+    np.testing.assert_allclose(bank.scores(e.numpy()), full.scores(e.numpy())[:, keep],
+                               rtol=1e-6, atol=1e-9)
+    with torch.no_grad():
+        model.finding_threshold.fill_(NEVER)
+    assert model.concept_bank() is None

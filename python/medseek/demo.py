@@ -85,7 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "--release; ~20 minutes for the chest model here) and check their "
                              "test metrics against the model cards before serving them")
     parser.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the corpora, training and the example queries")
     parser.set_defaults(func=run)
 
 
@@ -265,7 +266,8 @@ def demo_site(out: Path, name: str, model, kind: str, k: int, summary: dict) -> 
         info["sheets"].append(str(path))
         _log(f"contact sheet {path}")
 
-    with RunningSite(name, model.repo, out / "service" / name, kind) as site:
+    with RunningSite(name, model.repo, out / "service" / name, kind,
+                     auto_regions=(name == "wrist")) as site:
         _log(f"started {site.describe()}")
         if name == "wrist" and model.card is None:
             _log("(explaining concepts come from the server's chest finding lexicon: "
@@ -314,6 +316,27 @@ def demo_site(out: Path, name: str, model, kind: str, k: int, summary: dict) -> 
                           f"(WristMIR two-stage)")
             record("region rerank", resp)
             sheet(resp, "wrist_region_rerank.png", q, WRIST_REGION)
+            from .demo_service import pseudonym
+            from .serve.contrastive_service import demo_calibrated_step
+
+            print("\n  -> contrastive diagnosis, distal radius fracture or none: one evidence "
+                  "set per hypothesis, decided by margin, abstaining below a threshold "
+                  "calibrated on the validation split", flush=True)
+            # the validation images, each diagnosed with its own study left out (a tiny
+            # corpus whose val split is among the queries: archive images, the same way)
+            val = ([r for r in split.archive if r.split == "val"] or split.archive)[:40]
+            info["contrastive"] = demo_calibrated_step(
+                site.client, out / "reasoning", _log,
+                calibration=[(r.id, pseudonym("study", r.study_id), r.labels) for r in val],
+                queries=[(r.id, (model.corpus / r.path).read_bytes(), r.labels)
+                         for r in split.queries[:40]])
+        if name == "chest-xr":
+            from .serve.draft_commands import demo_step as draft_step
+
+            print(f"\n  -> report draft of held-out {q.id} (concept-grounded retrieval, "
+                  f"CEMRAG): every sentence names its source report and concepts", flush=True)
+            info["draft"] = draft_step(site.client, out / "reasoning", _log,
+                                       image=(model.corpus / q.path).read_bytes(), name=q.id)
 
         # held-out metrics: every held-out item queries the archive through the API
         t0 = time.perf_counter()
@@ -330,6 +353,12 @@ def demo_site(out: Path, name: str, model, kind: str, k: int, summary: dict) -> 
             info["metrics"][label] = m.to_dict()
             print(f"        {m.line(k)}")
         _log(f"({time.perf_counter() - t0:.1f} s)")
+        if name == "wrist":  # after the metrics: it adds a few unseen films to the archive
+            from .demo_localiser import demo_step as localiser_step
+
+            print("\n  -> regions found automatically: wrist films ingested without boxes, "
+                  "and a region query that names a bone but draws no box", flush=True)
+            info["auto_regions"] = localiser_step(site.client, out / "reasoning", _log)
     _log(f"stopped the gRPC server and tritonserver of {name}")
 
 

@@ -64,15 +64,26 @@ def split_corpus(corpus: Path, kind: str) -> Split:
                      "val split); raise the corpus size (--n-cxr, --n-wrist, --n-ct)")
 
 
-def ingest_item(corpus: Path, rec: ManifestRecord, with_regions: bool, collection: str = ""):
+def report_texts(corpus: Path) -> dict[str, str]:
+    """source id -> report text of a corpus whose reports are rows of their own (synth-cxr:
+    one report row per study, its images carry none); read at run time, never stored in
+    the repository."""
+    return {r.source_id: r.report for r in read_manifest(corpus / "manifest.parquet")
+            if r.kind == "report" and r.report}
+
+
+def ingest_item(corpus: Path, rec: ManifestRecord, with_regions: bool, collection: str = "",
+                reports: dict[str, str] | None = None):
     from medseek.serve.v1 import retrieval_pb2 as pb
 
     content = (corpus / rec.path).read_bytes()
+    report = rec.report or (reports or {}).get(rec.source_id, "")
     item = pb.IngestItem(
         id=rec.id, collection=collection, modality=rec.modality, body_part=rec.body_part.lower(), view=rec.view,
         labels=list(rec.labels), patient_pseudonym=pseudonym("patient", rec.patient_id),
         study_pseudonym=pseudonym("study", rec.study_id),
-        source_document=pseudonym("document", rec.source_id), **{rec.kind: content})
+        source_document=pseudonym("document", rec.source_id), report=report,
+        **{rec.kind: content})
     if with_regions:
         for reg in rec.regions:
             if reg.box is not None:
@@ -91,6 +102,7 @@ class RunningSite:
     kind: str  # "image" or "volume"
     startup_timeout: float = 300.0
     target_spacing: float = 2.0
+    auto_regions: bool = False  # the server's localiser boxes images ingested without any
     timings: dict = field(default_factory=dict)
 
     def __enter__(self) -> RunningSite:
@@ -135,7 +147,8 @@ class RunningSite:
             store_path=self.workdir / "medseek.sqlite", index_dir=self.workdir / "indexes",
             host="127.0.0.1", port=0, model=spec.name, deid=DeidConfig.development(),
             grace_s=5.0, encode_batch=BatchConfig(max_wait_ms=5.0),
-            preprocess=PreprocessSpec(target_spacing=self.target_spacing, window=(40.0, 400.0)))
+            preprocess=PreprocessSpec(target_spacing=self.target_spacing, window=(40.0, 400.0)),
+            auto_regions=self.auto_regions)
         server = ServerThread(cfg, encoder)
         self._stack.callback(server.stop)
         self.port = server.port
@@ -158,10 +171,13 @@ class RunningSite:
 def ingest(site: RunningSite, corpus: Path, records: list[ManifestRecord],
            with_regions: bool = False, batch: int = 32, collection: str = "") -> dict:
     """Stream ``records`` to the server through ``Ingest`` (into ``collection``; empty: the
-    default of their kind); totals of the acknowledgements."""
+    default of their kind), each with its report text (``IngestItem.report``, what report
+    drafts are composed from); totals of the acknowledgements."""
     totals = {"inserted": 0, "updated": 0, "duplicates": 0, "acks": 0}
+    reports = report_texts(corpus)
     for s in range(0, len(records), batch):
-        items = [ingest_item(corpus, r, with_regions, collection) for r in records[s:s + batch]]
+        items = [ingest_item(corpus, r, with_regions, collection, reports)
+                 for r in records[s:s + batch]]
         resp = site.client.ingest(items, timeout=600.0)
         for key in ("inserted", "updated", "duplicates"):
             totals[key] += getattr(resp, key)

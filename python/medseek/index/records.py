@@ -100,6 +100,9 @@ class ItemRecord:
     z_range: tuple[int, int] | None = None
     box: tuple[float, float, float, float] | None = None
     content_sha256: str | None = None
+    # the item's report, kept for Draft (medseek.serve.draft_service); a table of its own
+    # (report_texts), never in ITEM_FIELDS, and out of repr() like the pseudonyms
+    report_text: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id or len(self.id) > 512:
@@ -135,6 +138,9 @@ class ItemRecord:
             raise ValueError(
                 f"content_sha256 must be 64 lowercase hex digits, got {self.content_sha256!r}"
             )
+        if self.report_text is not None and (not isinstance(self.report_text, str)
+                                             or not self.report_text.strip()):
+            raise ValueError("report_text must be a non-empty str or None")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,9 @@ meta        key/value; 'store_uuid' names this store so an index saved for anoth
 
 Version 2: ``items.z_start``/``z_end`` are half-open, ``[z_start, z_end)`` (``z_end``
 exclusive, as in training and the corpus manifests); version 1 stored the last slice.
+
+Version 3: ``report_texts`` (row_key -> text): the report of an item that came with one
+(``ItemRecord.report_text``), for ``Draft``; it cascades with its item.
 """
 
 from __future__ import annotations
@@ -83,7 +86,16 @@ def _v1_to_v2(con: sqlite3.Connection) -> None:
     con.execute("UPDATE items SET z_end = z_end + 1 WHERE z_end IS NOT NULL")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v0_to_v1, _v1_to_v2)
+def _v2_to_v3(con: sqlite3.Connection) -> None:
+    # an item's report text (Draft composes from it), deleted with the item
+    con.execute(
+        """CREATE TABLE report_texts (
+            row_key INTEGER PRIMARY KEY REFERENCES items(row_key) ON DELETE CASCADE,
+            text TEXT NOT NULL)"""
+    )
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v0_to_v1, _v1_to_v2, _v2_to_v3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

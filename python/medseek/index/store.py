@@ -184,6 +184,11 @@ class Store:
         con.execute("UPDATE items SET seq = ? WHERE row_key = ?", (seq, row_key))
         con.execute("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?)",
                     (row_key, model, dim, blob))
+        if r.report_text is None:  # an upsert replaces the item: an old report goes too
+            con.execute("DELETE FROM report_texts WHERE row_key = ?", (row_key,))
+        else:
+            con.execute("INSERT OR REPLACE INTO report_texts VALUES (?, ?)",
+                        (row_key, r.report_text))
         return UpsertResult(r.id, "inserted" if old is None else "updated", row_key)
 
     def delete(self, ids: Sequence[str]) -> list[str]:
@@ -230,6 +235,18 @@ class Store:
                     (*model, *part)).fetchall()
         items = (sql.stored_item(row) for row in rows)
         return {it.record.id: it for it in items}
+
+    def report_texts(self, ids: Sequence[str]) -> dict[str, str]:
+        """The stored report text of each of ``ids`` that has one (``ItemRecord.report_text``)."""
+        ids = str_list("ids", ids) or []
+        out: dict[str, str] = {}
+        with self._lock:
+            for part in sql.parts(list(dict.fromkeys(ids))):
+                out.update(self._con.execute(
+                    f"SELECT i.item_id, t.text FROM items i JOIN report_texts t "
+                    f"ON t.row_key = i.row_key WHERE i.item_id IN ({sql.marks(len(part))})",
+                    part).fetchall())
+        return out
 
     def reader(self) -> StoreReader:
         """A ``StoreReader`` of this store: reads by row key and by parent through its own

@@ -209,16 +209,19 @@ class DualEncoder(nn.Module):
     def concept_bank(self):
         """The finding head as a :class:`medseek.search.explain.ConceptBank`: a finding's
         score for an embedding is its logit margin over the calibrated threshold, in
-        units of the head's weight norm, so "score > 0" means "the finding head shows it"
-        (None for a model without a finding head, or a shape-only one)."""
+        units of the head's weight norm, so "score > 0" means "the finding head shows it".
+        Findings calibration never found a threshold for (``NEVER``) are not in the bank:
+        the head cannot tell them either way. None for a model without a finding head, a
+        shape-only one, or one with no calibrated finding."""
         if self.finding_head is None or self.finding_head.weight.is_meta:
             return None  # no head, or a shape-only model (no values to explain with)
         from medseek.search.explain import ConceptBank
         from medseek.text.concepts import concept_names
+        from medseek.train.calibrate import NEVER
 
         return ConceptBank.from_linear(concept_names(), self.finding_head.weight.detach().cpu().numpy(),
                                        self.finding_head.bias.detach().cpu().numpy(),
-                                       self.finding_threshold.cpu().numpy())
+                                       self.finding_threshold.cpu().numpy(), never=NEVER)
 
     # ---------------------------------------------------------------- text
 

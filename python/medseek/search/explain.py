@@ -77,13 +77,17 @@ class ConceptBank:
 
     @classmethod
     def from_linear(cls, names: Sequence[str], weight: np.ndarray, bias: np.ndarray,
-                    threshold: np.ndarray) -> "ConceptBank":
+                    threshold: np.ndarray, never: float | None = None) -> "ConceptBank | None":
         """A bank whose score is a linear classifier's calibrated margin.
 
         For logits ``W e + b`` (``weight`` (C, d), ``bias`` (C,)) and per-concept logit
         thresholds ``t`` (C,), the score of a unit embedding ``e`` is
         ``(W_c·e + b_c - t_c) / ‖W_c‖``: the embedding's signed distance to the concept's
         decision hyperplane, positive exactly when the logit exceeds its threshold.
+
+        Concepts whose threshold is ``never`` or above (calibration found no threshold at
+        which the classifier is right often enough) are left out: their score would say
+        "absent" with a confidence the classifier does not have. None when none is left.
         """
         w = np.asarray(weight, dtype=np.float64)
         b = np.asarray(bias, dtype=np.float64)
@@ -91,6 +95,11 @@ class ConceptBank:
         if w.ndim != 2 or b.shape != (w.shape[0],) or t.shape != (w.shape[0],):
             raise ValueError(f"weight (C, d), bias (C,) and threshold (C,) must agree, got "
                              f"{w.shape}, {b.shape}, {t.shape}")
+        if never is not None:
+            keep = np.flatnonzero(t < never)
+            if keep.size == 0:
+                return None
+            names, w, b, t = [tuple(names)[i] for i in keep], w[keep], b[keep], t[keep]
         norms = np.linalg.norm(w, axis=1)
         if not (norms > 0).all():
             raise ValueError(f"weight rows {np.flatnonzero(norms == 0)[:5].tolist()} are zero")

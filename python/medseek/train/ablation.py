@@ -183,11 +183,17 @@ def explanation_quality(model, v: np.ndarray, s: np.ndarray, ds, k: int = 10) ->
 
     from .data import item_findings
 
-    bank = model.concept_bank()
-    scores = bank.scores(v)  # (N, C)
-    truth = np.stack([item_findings(r.report, r.labels) for r in ds.records]) > 0
+    from medseek.text.concepts import concept_names
+
+    truth = np.stack([item_findings(r.report, r.labels) for r in ds.records]) > 0  # (N, F)
+    bank = model.concept_bank()  # the calibrated findings only (may be none)
+    if bank is None:
+        return {"precision": float("nan"), "recall": 0.0 if truth.any() else float("nan"),
+                "shown_per_hit": 0.0, "distinct_sets": 1.0}
+    scores = bank.scores(v)  # (N, C), C <= F
     top = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    col = {n: j for j, n in enumerate(bank.names)}
+    full = {n: j for j, n in enumerate(concept_names())}
+    col = {n: full[n] for n in bank.names}  # bank concept -> column of truth
     shown = correct = both = both_shown = 0
     distinct = []
     for q in range(len(v)):

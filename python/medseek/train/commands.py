@@ -2,6 +2,7 @@
 
     medseek train --recipe tiny-wrist --data corpora/synth-wrist --out runs/wrist [--steps N] [--resume]
     medseek train --release chest-xr --out runs/release-chest-xr     # reproduce a shipped model
+    medseek train --localiser wrist --out runs/localiser-wrist       # the region box localiser
 
 Writes ``RUN_DIR/recipe.json`` (the resolved recipe), ``metrics.jsonl``,
 ``curation.json`` (when the recipe curates) and ``checkpoint.safetensors``. Under
@@ -23,6 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--release", default=None, help="reproduce a shipped model (chest-xr, wrist, chest-ct): "
                    "builds its corpus, trains its recipe, calibrates and evaluates it, writes "
                    "OUT/release/ and compares the test metrics with the shipped card")
+    p.add_argument("--localiser", default=None, choices=("wrist", "chest"),
+                   help="train the named-region box localiser instead (medseek.models.localiser; "
+                        "wrist: distal radius, distal ulna, ulnar styloid; chest: lung zones, "
+                        "costophrenic angles, cardiac silhouette on PA films) on --data, or on its "
+                        "corpus rebuilt under OUT/corpus; writes OUT/localiser/<name>.safetensors "
+                        "and its card with the test IoU")
     p.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.safetensors")
@@ -66,6 +73,18 @@ def run_train(args: argparse.Namespace) -> int:
 
     import torch
 
+    if args.localiser is not None:
+        if args.recipe or args.release or args.resume:
+            raise SystemExit("medseek train: --localiser takes its own recipe; leave out "
+                             "--recipe, --release and --resume")
+        from .localiser import reproduce_localiser
+
+        card = reproduce_localiser(args.localiser, args.out, data=args.data, steps=args.steps)
+        iou = card["test_iou"]
+        print(f"train: localiser written to {args.out}/localiser/{args.localiser}.safetensors; "
+              "test IoU " + ", ".join(f"{r} {iou[r]['value']:.3f} [{iou[r]['lo']:.3f}, "
+                                      f"{iou[r]['hi']:.3f}]" for r in (*card['config']['regions'], 'mean')))
+        return 0
     if args.release is not None:
         if args.recipe or args.data or args.resume:
             raise SystemExit("medseek train: --release takes its own recipe and corpus; "

@@ -133,7 +133,10 @@ class PairDataset:
             img = np.asarray(Image.fromarray(img, mode="F").resize((size[1], size[0]), Image.BILINEAR))
         h, w = img.shape
         sx, sy = w / w0, h / h0
-        names = self.model_cfg.preprocess.regions or tuple(r.name for r in rec.regions)
+        # without named regions, a record's captioned regions: an uncaptioned box (synth-cxr's
+        # anatomy boxes, there for the localiser) has nothing to align with, and PA and
+        # lateral films carry different numbers of them
+        names = self.model_cfg.preprocess.regions or tuple(r.name for r in rec.regions if r.text)
         by_name = {_norm_name(r.name): r for r in rec.regions}
         boxes = np.tile(np.array([0, 0, w, h], np.float32), (len(names), 1))
         captions = []

@@ -11,7 +11,9 @@ Output layout::
     out/images/<uid>_PA.png  out/images/<uid>_LAT.png  out/manifest.parquet
     out/contact_sheet.png
 
-Manifest rows: one per image (kind ``image``, view PA / LATERAL) and one per report
+Manifest rows: one per image (kind ``image``, view PA / LATERAL, ``regions``: the boxes of
+the lung zones, costophrenic angles and cardiac silhouette as drawn, :mod:`.cxr_regions`;
+the lateral view has the cardiac silhouette only) and one per report
 (kind ``report``); patient and study ids are hashes of the IU uid; ``source_id`` is
 the uid; labels are normalised finding names (``normal`` for normal studies).
 """
@@ -23,11 +25,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from medseek.data.manifest import ManifestRecord, assign_splits, write_manifest
+from medseek.data.manifest import ManifestRecord, Region, assign_splits, write_manifest
 from medseek.data.mesh import Finding, normalised_labels, parse_mesh_terms
 from medseek.data.synth.common import case_rng, grid, stable_id, write_png
 from medseek.data.synth.cxr_anatomy import draw_lateral, draw_pa, expose, pose_grid, sample_anatomy
 from medseek.data.synth.cxr_findings import apply_modifiers, draw_overlays, unrendered
+from medseek.data.synth.cxr_regions import canvas_boxes
 
 DEFAULT_SIZE = 256
 SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -36,6 +39,7 @@ SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 def render_case(
     findings: Sequence[Finding], seed: int, key: str, size: int = DEFAULT_SIZE,
     views: Iterable[str] = ("PA", "LATERAL"),
+    boxes: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """Phantom radiographs of one patient with the given findings.
 
@@ -50,6 +54,9 @@ def render_case(
     size : int
         Image side in pixels (>= 64).
     views : iterable of {"PA", "LATERAL"}
+    boxes : dict, optional
+        Filled with view name -> {region name: (x0, y0, x1, y1) pixels} of the drawn
+        anatomy (:mod:`.cxr_regions`: read from the canvas, so the images do not change).
 
     Returns
     -------
@@ -67,6 +74,8 @@ def render_case(
     for view in ("PA", "LATERAL"):
         # PA is always drawn first: lateral devices reuse positions it records.
         canvas = (draw_pa if view == "PA" else draw_lateral)(PX, PY, anatomy, case_rng(seed, key, view, "markings"))
+        if boxes is not None and view in views:
+            boxes[view] = canvas_boxes(canvas)
         rngs = [case_rng(seed, key, "finding", i) for i in range(len(findings))]
         draw_overlays(canvas, findings, rngs)
         img = expose(canvas, case_rng(seed, key, view, "noise"))
@@ -78,12 +87,13 @@ def render_case(
     return {v: out[v] for v in wanted}
 
 
-def _render_job(job: tuple[tuple[str, ...], int, str, int]) -> dict[str, bytes]:
+def _render_job(job: tuple[tuple[str, ...], int, str, int]) -> tuple[dict[str, bytes], dict]:
     from medseek.data.synth.common import png_bytes
 
     terms, seed, uid, size = job
-    images = render_case(parse_mesh_terms(terms), seed, uid, size)
-    return {v: png_bytes(img) for v, img in images.items()}
+    boxes: dict = {}
+    images = render_case(parse_mesh_terms(terms), seed, uid, size, boxes=boxes)
+    return {v: png_bytes(img) for v, img in images.items()}, boxes
 
 
 def build_synth_cxr(
@@ -139,7 +149,7 @@ def build_synth_cxr(
         pool = None
         results = map(_render_job, jobs)
     try:
-        for rep, pngs in tqdm(zip(reports, results), total=len(jobs), desc="synth-cxr", disable=not progress):
+        for rep, (pngs, boxes) in tqdm(zip(reports, results), total=len(jobs), desc="synth-cxr", disable=not progress):
             findings = parse_mesh_terms(rep.mesh_major)
             labels = normalised_labels(rep.mesh_major)
             patient = stable_id("iu-pt-", f"iu:{rep.uid}")
@@ -151,6 +161,7 @@ def build_synth_cxr(
                 records.append(ManifestRecord(
                     id=f"{rep.uid}_{suffix}", path=rel, kind="image", modality="CR", body_part="CHEST",
                     view=view, patient_id=patient, study_id=study, source_id=f"iu:{rep.uid}", labels=labels,
+                    regions=tuple(Region(name=name, box=box) for name, box in boxes[view].items()),
                     meta={"size": size, "bits": 8, "unrendered": missing},
                 ))
             records.append(ManifestRecord(
