@@ -32,6 +32,14 @@ interleaved rounds of ``IMAGES`` images; CPU ms/img = min over rounds of this pr
 CPU time per image. With one thread nothing spins or waits on a sibling thread, so other
 jobs on the cores change these numbers far less than the wall times above.
 
+Regression gate (``benchmarks/compare.py``): both tests run their interleaved rounds once
+inside ``benchmark.pedantic`` (the time pytest-benchmark reports is the whole
+measurement's) and record ratios of paths measured in those rounds: the throughput test
+Triton / in-process ONNX Runtime images/s (``extra_info["ratio"]``; ORT / torch and the
+fixed-size graph's gain in ``ratios``), the one-thread test torch / ONNX Runtime CPU
+time per image (ORT's speed-up; the fixed-size graph's gain in ``ratios``).
+``MEDSEEK_BENCH_REPEAT`` does not apply to them.
+
     pytest benchmarks/test_encoders.py -p no:cacheprovider -s
 """
 
@@ -45,6 +53,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from bench_gate import record_ratio
 
 from medseek.encoders import EncoderSpec, OnnxRuntimeEncoder, TritonEncoder
 from medseek.encoders.onnxrt import OnnxRuntimeConfig
@@ -78,7 +87,17 @@ def setup(tmp_path_factory):
     return model, repo, generic, images
 
 
-def test_image_encoder_throughput(setup):
+def test_image_encoder_throughput(benchmark, setup):
+    rate = benchmark.pedantic(measure_throughput, args=(setup,), rounds=1, iterations=1)
+    record_ratio(benchmark, rate["triton"] / rate["onnxruntime"],
+                 f"in-process ONNX Runtime, {IMAGES / BATCH:.0f} batches of {BATCH}",
+                 ratios={"onnxruntime/torch": rate["onnxruntime"] / rate["torch"],
+                         "fixed/generic graph": rate["onnxruntime"] / rate["ort-generic"]},
+                 images_per_s=rate)
+
+
+def measure_throughput(setup) -> dict[str, float]:
+    """Images/s (best round) of every path, interleaved rounds; prints the table."""
     model, repo, generic_repo, images = setup
     load_before = os.getloadavg()
     x = torch.from_numpy(images)
@@ -154,9 +173,19 @@ def test_image_encoder_throughput(setup):
           f"{rate['onnxruntime'] / rate['ort-generic']:.2f}x best, "
           f"{median['onnxruntime'] / median['ort-generic']:.2f}x median, "
           f"{cpu_ms['ort-generic'] / cpu_ms['onnxruntime']:.2f}x by CPU time")
+    return rate
 
 
-def test_image_encoder_cpu_time_one_thread(setup):
+def test_image_encoder_cpu_time_one_thread(benchmark, setup):
+    ms = benchmark.pedantic(measure_cpu_one_thread, args=(setup,), rounds=1, iterations=1)
+    record_ratio(benchmark, ms["torch"] / ms["onnxruntime"],
+                 "torch eager, one thread (CPU ms/img, best round)",
+                 ratios={"fixed/generic graph": ms["ort-generic"] / ms["onnxruntime"]},
+                 cpu_ms_per_image=ms)
+
+
+def measure_cpu_one_thread(setup) -> dict[str, float]:
+    """One-thread CPU ms per image (best round) of every path; prints the table."""
     model, repo, generic_repo, images = setup
     x = torch.from_numpy(images)
     one = OnnxRuntimeConfig(intra_op_threads=1, batch_size=BATCH)
@@ -195,3 +224,4 @@ def test_image_encoder_cpu_time_one_thread(setup):
     print(f"ORT/torch by one-thread CPU time {ms['torch'] / ms['onnxruntime']:.2f} (min), "
           f"{med['torch'] / med['onnxruntime']:.2f} (median); fixed-size image graph vs "
           f"generic trace {ms['ort-generic'] / ms['onnxruntime']:.2f} (min)")
+    return ms

@@ -32,6 +32,11 @@ by other jobs on the cores than wall time), the mean micro-batch size the server
 and ``uptime``'s load average at the start of each round. Peak RSS of the server and of
 this process come last.
 
+Regression gate (``benchmarks/compare.py``): the whole measurement runs once inside
+``benchmark.pedantic`` and records ``extra_info["ratio"]`` = the ``grpc c=32`` row's
+throughput over raw FAISS ``b=32`` (median of the per-round ratios), every service row's
+ratio in ``ratios``. ``MEDSEEK_BENCH_REPEAT`` does not apply.
+
     pytest benchmarks/test_search.py -p no:cacheprovider -s -k 20k   # seconds (cached)
     pytest benchmarks/test_search.py -p no:cacheprovider -s -k 1m    # first run builds ~1M
 """
@@ -52,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_gate import record_ratio
 
 DIM, K, K_PRIME, MAX_BATCH, REGION_EVERY, CHUNK = 256, 10, 200, 32, 4, 10_000
 SIZES = {"20k": 20_000, "1m": 1_000_000}
@@ -422,14 +428,18 @@ def format_table(res: dict) -> str:
 
 
 @pytest.mark.parametrize("size", [pytest.param("20k"), pytest.param("1m", marks=pytest.mark.slow)])
-def test_search_service(size):
+def test_search_service(benchmark, size):
     overrides = json.loads(os.environ.get("MEDSEEK_BENCH_SERVER", "{}"))
-    res = run_benchmark(size, overrides)
+    res = benchmark.pedantic(run_benchmark, args=(size, overrides), rounds=1, iterations=1)
     CACHE.mkdir(parents=True, exist_ok=True)
     (CACHE / f"results_{size}.json").write_text(json.dumps(res, indent=1))
     print("\n" + format_table(res))
     for name in ("grpc c=1", "grpc c=32"):  # every request answered with k hits
         assert res["rows"][name]["n"] > 0
+    record_ratio(benchmark, res["rows"]["grpc c=32"]["ratio"],
+                 "raw FAISS b=32 (qps, median of per-round ratios)",
+                 ratios={name: r["ratio"] for name, r in res["rows"].items() if r["ratio"]},
+                 overrides=overrides)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["build"]:

@@ -22,6 +22,12 @@ wall times), and CPU time of one call (all threads) with its ratio, which is the
 comparison when other processes load the machine. ``test_summary[ct512]`` fails when the
 issue's targets (>= 5x zoom, >= 2x SimpleITK, min wall time) are missed.
 
+Regression gate (``benchmarks/compare.py``): each impl records ``extra_info["ratio"]``, a
+speed-up against a baseline timed once before each of its rounds (``bench_gate.paired``):
+the medseek paths against ``scipy_zoom``, the other libraries against ``copy_floor``, and
+``copy_floor`` itself against ``np.copy`` (a fresh allocation each call). The medseek
+paths of the ``small`` case are in the CI ``quick`` tier (``QUICK``).
+
     pytest benchmarks/test_volume.py -p no:cacheprovider
 """
 
@@ -32,13 +38,14 @@ import time
 
 import numpy as np
 import pytest
+from bench_gate import paired
 from scipy import ndimage
 
 from medseek import volume as V
 from medseek.volume import reference as R
 
 CASES = {
-    "small": ((60, 128, 128), (1.0, 0.7, 0.7)),
+    "small": ((60, 128, 128), (1.0, 0.7, 0.7)),  # < 2**21 voxels: runs on one thread
     "ct512": ((300, 512, 512), (1.0, 0.7, 0.7)),
 }
 TARGET_MM = 1.5
@@ -47,9 +54,11 @@ DEPTH = 32
 IMPLS = [
     "medseek_fused", "medseek_ops", "scipy_zoom", "simpleitk", "simpleitk_resample", "copy_floor"
 ]
-# slow baselines get fewer rounds (the same min / median statistics are reported)
+# slow baselines get fewer rounds at ct512 (the same min / median statistics are reported)
 ROUNDS = {"scipy_zoom": 3, "simpleitk": 3, "simpleitk_resample": 3}
 _results: dict[tuple[str, str], dict[str, float]] = {}
+# the CI short tier (benchmarks/conftest.py): medseek's own paths on one thread
+QUICK = ("test_pipeline[small-medseek_fused]", "test_pipeline[small-medseek_ops]")
 
 
 def cpu_model() -> str:
@@ -123,7 +132,16 @@ def make_pipeline(impl: str, vol: np.ndarray, spacing):
     if impl == "copy_floor":
         dst = np.empty_like(vol)
         return lambda: (np.copyto(dst, vol), dst)[1:]
+    if impl == "np_copy":  # copy_floor's own baseline, not a row of the table
+        return lambda: np.copy(vol)
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def gate_baseline(impl: str) -> str:
+    """The path each impl's gate ratio is measured against (see the module docstring)."""
+    if impl.startswith("medseek"):
+        return "scipy_zoom"
+    return "np_copy" if impl == "copy_floor" else "copy_floor"
 
 
 def moved_bytes(vol: np.ndarray, result) -> int:
@@ -137,7 +155,9 @@ def test_pipeline(benchmark, case, impl):
     name, vol, spacing = case
     run = make_pipeline(impl, vol, spacing)
     benchmark.group = f"volume-{name}"
-    result = benchmark.pedantic(run, rounds=ROUNDS.get(impl, 7), warmup_rounds=1, iterations=1)
+    base = gate_baseline(impl)
+    result = paired(benchmark, run, make_pipeline(base, vol, spacing), f"{base} ({name})",
+                    rounds=ROUNDS.get(impl, 7) if name == "ct512" else 15)
     if impl.startswith("medseek"):  # the pipeline really is the contract pipeline
         chunks, z_start, valid = result
         assert chunks.shape[1] == DEPTH and int(valid.sum()) == V.resampled_shape(
