@@ -445,3 +445,25 @@ def test_a_stored_item_is_not_drafted_from_its_own_study(served):
         assert "img-view-lat" in [h.id for h in resp.neighbours]
     finally:
         client.delete(["img-view-pa", "img-view-lat"])
+
+
+def test_a_draft_never_asserts_and_denies_the_same_unscored_finding():
+    """When the image has no concept for a finding, retrieved reports that disagree about
+    it are not both kept: the nearer report's sentence stands, the other is dropped with
+    the reason."""
+    reports = [RetrievedReport("near", 0.9, "Patchy opacity in the right mid lung."),
+               RetrievedReport("far", 0.8, "The lungs are clear without opacity. "
+                                           "No pleural effusion.")]
+    draft = compose_draft({}, reports)
+    texts = [s.text for s in draft.sentences]
+    assert "Patchy opacity in the right mid lung." in texts
+    assert "The lungs are clear without opacity." not in texts
+    assert "No pleural effusion." in texts  # no clash: kept
+    why = {d.text: d.reason for d in draft.dropped}
+    assert why["The lungs are clear without opacity."].startswith("denies opacity, which a "
+                                                                 "nearer report's sentence")
+    # the other way round: a nearer denial keeps a farther assertion out
+    draft = compose_draft({}, reports[::-1])
+    texts = [s.text for s in draft.sentences]
+    assert "The lungs are clear without opacity." in texts
+    assert "Patchy opacity in the right mid lung." not in texts

@@ -129,7 +129,10 @@ def train_model(recipe_name: str, steps: int | None, corpus: Path, folder: Path)
 
 # --------------------------------------------------------------------------- export
 
-EXPORT_CODE = ("export", "encoders/preprocess.py")
+# what an exported repository is made of: the graphs, and the spec.json beside them
+# (EncoderSpec with the model's concept bank)
+EXPORT_CODE = ("export", "encoders/preprocess.py", "encoders/base.py", "models/dual.py",
+               "search/explain.py")
 
 
 def export_spec(train_key: str) -> dict:

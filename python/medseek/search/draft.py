@@ -18,7 +18,9 @@ concepts decide which sentences may be said:
    asserting it is kept; when no retrieved report words it, a template sentence from the
    concept itself is written (grounded on the concept alone);
 4. surviving negative sentences are kept when they deny something not yet covered
-   (de-duplication by content: a second "no pleural effusion" adds nothing), and the
+   (de-duplication by content: a second "no pleural effusion" adds nothing) and nothing
+   the draft already asserts (no concept settles a finding the image has no concept for,
+   so the nearer report's sentence stands and the clashing one is dropped), and the
    nearest report's sentences that name no finding ("the mediastinum is unremarkable")
    or assert only findings the image leaves undecided (scores between the two
    thresholds: there the nearest case's word stands, as in plain retrieval);
@@ -363,8 +365,19 @@ def compose_draft(scores: Mapping[str, float], reports: Sequence[RetrievedReport
             continue  # a present finding already has its sentence (step 3)
         if unscored and rank != 0:
             continue
-        if named - covered()[1]:
-            keep("retrieved", text, item_id, claims)
+        if not named - covered()[1]:
+            continue
+        said = covered()[0]
+        denied_in_draft = {f for k, c in kept for f in c.denied}
+        clash = sorted(claims.denied & said) or sorted(
+            {*claims.asserted, *claims.hedged} & denied_in_draft)
+        if clash:  # no concept settles it: the nearer report's sentence already stands
+            verb = "denies" if claims.denied & said else "asserts"
+            dropped.append(DroppedSentence(text, item_id, f"{verb} {clash[0]}, which a "
+                                           f"nearer report's sentence in this draft "
+                                           f"{'asserts' if verb == 'denies' else 'denies'}"))
+            continue
+        keep("retrieved", text, item_id, claims)
     # 5. a normal sentence for each group with nothing said and nothing present
     said_groups = {s.group for s, _ in kept}
     present_groups = {organ_group(f) for f in present}
