@@ -73,18 +73,13 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     def _accepted(self, metadata) -> bool | None:
         """True: accepted; False: wrong token; None: no bearer token at all."""
-        for key, value in metadata or ():
-            if key == "authorization":
-                value = value.decode() if isinstance(value, bytes) else value
-                scheme, _, token = value.partition(" ")
-                if scheme.lower() != "bearer" or not token:
-                    return None
-                given = token.strip().encode()
-                ok = False
-                for t in self._tokens:  # no early exit: constant time over the list
-                    ok |= hmac.compare_digest(given, t)
-                return ok
-        return None
+        given = bearer_token(metadata)
+        if given is None:
+            return None
+        ok = False
+        for t in self._tokens:  # no early exit: constant time over the list
+            ok |= hmac.compare_digest(given, t)
+        return ok
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method or ""
