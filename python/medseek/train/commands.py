@@ -120,6 +120,10 @@ def run_train(args: argparse.Namespace) -> int:
     train, report = apply_curation(train, cfg.curation, model)
     if report is not None:
         (out / "curation.json").write_text(json.dumps(report, indent=1))
+    if cfg.loss.w_pheno > 0:  # PhenoLIP: the stage-1 phenotype space, cached in the run folder
+        from .pheno import install_teacher, phenotype_space
+
+        install_teacher(phenotype_space(out))
     trainer = Trainer(cfg, model, train, out, val=val, device=device, progress=not args.no_progress)
     if args.resume:
         trainer.resume()

@@ -29,6 +29,8 @@ Terms (each weighted by :class:`LossConfig`; a weight of 0 skips the term entire
   enters densely: contrastive pairs only say "this report, not the rest of the batch",
   while every image now also learns which of the lexicon's 46 findings (or "normal")
   its item asserts.
+* ``pheno``: PhenoLIP's teacher-guided distillation of an ontology-derived phenotype
+  space (:mod:`medseek.train.pheno`, formula there).
 * ``gap``: the modality-gap-closing term. The modality-gap seed ("the modality gap is
   present also in medical alignment ... we propose a modality-agnostic framework that
   closes this gap") gives no formula in its abstract; we use the two quantities that
@@ -74,6 +76,9 @@ class LossConfig:
     # findings that sentence asserts (needs w_region or w_organ, and the finding head)
     w_region_finding: float = 0.0
     gap_uniformity: float = 0.0  # weight u of the uniformity part of the gap term
+    # PhenoLIP: distil the HPO phenotype space into image/report embeddings against the
+    # model's phenotype prompts (medseek.train.pheno; needs the pheno extra)
+    w_pheno: float = 0.0
 
     def __post_init__(self) -> None:
         if self.contrastive not in CONTRASTIVE:
@@ -81,7 +86,7 @@ class LossConfig:
         if self.soft_labels and self.contrastive != "clip":
             raise ValueError("soft_labels needs contrastive='clip' (the sigmoid loss has no soft targets)")
         for name in ("w_global", "w_region", "w_organ", "w_gap", "gap_uniformity", "w_finding",
-                     "w_region_finding"):
+                     "w_region_finding", "w_pheno"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
@@ -240,8 +245,13 @@ def combine_losses(model, emb: dict[str, torch.Tensor], batch: dict, cfg: LossCo
         if key in emb and emb[key].shape[0] > 0:
             parts["region_finding"] = finding_loss(model, gather(emb[key]), gather(emb[f"{key}_text"]),
                                                    gather(batch[f"{key}_findings"]))
+    if cfg.w_pheno > 0:
+        from .pheno import pheno_loss
+
+        parts["pheno"] = pheno_loss(model, vis, txt, gather(batch["findings"]))
     weights = {"global": cfg.w_global, "region": cfg.w_region, "organ": cfg.w_organ,
-               "gap": cfg.w_gap, "finding": cfg.w_finding, "region_finding": cfg.w_region_finding}
+               "gap": cfg.w_gap, "finding": cfg.w_finding, "region_finding": cfg.w_region_finding,
+               "pheno": cfg.w_pheno}
     if not parts:
         raise ValueError("no loss term is active: every weight is 0 or its inputs are missing")
     total = sum(weights[k] * v for k, v in parts.items())
