@@ -3,8 +3,9 @@ against the real gateway and gRPC server (SQLite, FAISS, the in-process encoder)
 archive of real radiographs (pydicom-data's chest and leg CR, downsampled to PNG) and real
 DICOM files (pydicom's CT and MR slices).
 
-Set ``MEDSEEK_VIEWER_PNG=docs/viewer.png`` to also write the results page's screenshot
-there (how the README's picture is made).
+Set ``MEDSEEK_VIEWER_PNG=some.png`` to also write the results page's screenshot there
+(the test encoder is untrained, so its scores say nothing; the README's pictures, with the
+shipped wrist model, come from ``docs/make_viewer_screenshot.py``).
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ def test_image_upload_shows_hits_with_boxes_and_side_by_side(browser, served, ar
 
 
 def _save_readme_picture(shot: Path, dest: Path) -> None:
-    """The screenshot as an optimised palette PNG (the README's picture stays small)."""
+    """The screenshot as an optimised palette PNG (small enough to commit)."""
     with Image.open(shot) as im:
         small = im.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
         dest.parent.mkdir(parents=True, exist_ok=True)
