@@ -146,7 +146,7 @@ def pick_query(test: list):
 
 def ingest(client, manifest: Path, batch: int = 32) -> int:
     """Stream the manifest's items to the server with ``medseek ingest``'s parser."""
-    from medseek.serve.commands import iter_items
+    from medseek.serve.ingest_sources import iter_items
 
     items, n = [], 0
     for item in iter_items(manifest):

@@ -280,7 +280,8 @@ def test_group_dicom_takes_loaders_and_reads_them_lazily(tmp_path, ct_slice):
 def test_ingest_series_folder_is_one_volume_item(tmp_path, ct_slice, capsys):
     pytest.importorskip("grpc_health")
     from medseek.io import DeidConfig
-    from medseek.serve.commands import iter_items, main
+    from medseek.serve.commands import main
+    from medseek.serve.ingest_sources import iter_items
     from medseek.serve.config import ServeConfig
     from medseek.serve.local_encoder import LocalTorchEncoder
     from medseek.serve.server import ServerThread
@@ -314,7 +315,7 @@ def test_ingest_series_folder_is_one_volume_item(tmp_path, ct_slice, capsys):
 
 
 def test_ingest_takes_a_zip_or_dicomdir_given_directly(tmp_path, ct_slice):
-    from medseek.serve.commands import iter_items
+    from medseek.serve.ingest_sources import iter_items
 
     _, paths = make_series(tmp_path / "s", ct_slice, 3)
     archive = tmp_path / "s.zip"

@@ -280,7 +280,7 @@ def test_onnx_runtime_encode_volume_chunks_matches_torch(tmp_path):
 
 
 def test_manifest_regions_carry_organs_and_boxes(tmp_path):
-    from medseek.serve.commands import iter_items
+    from medseek.serve.ingest_sources import iter_items
 
     (tmp_path / "ct.nii").write_bytes(nifti([block(1)]))
     manifest = tmp_path / "m.jsonl"

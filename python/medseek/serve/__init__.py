@@ -14,6 +14,13 @@
 - ``auth.py``: bearer-token interceptor; ``metrics.py``: Prometheus metrics.
 - ``local_encoder.py``: ``LocalTorchEncoder``, an in-process torch encoder for tests and
   CPU-only use (production uses the Triton / ONNX Runtime encoders of ``medseek.encoders``).
-- ``commands.py``: ``medseek serve``, ``medseek ingest``, ``medseek query``.
+- ``commands.py``: the ``medseek serve`` / ``ingest`` / ``query`` / ``stats`` parsers and
+  ``medseek serve`` (``workers.py``: ``--workers N``); ``client_commands.py``: ingest,
+  query and stats against a running server; ``ingest_sources.py``: the items of a folder,
+  zip, DICOMDIR or manifest.
+- ``gateway*.py``, ``static/``: the HTTP/JSON gateway and the browser viewer;
+  ``pacs_commands.py``, ``reident.py``: DICOMweb sync and clinical re-identification;
+  ``draft_*.py``, ``contrastive_service.py``, ``auto_regions.py``: reasoning over
+  retrieved cases.
 - ``v1/``: generated protobuf/gRPC code (``python -m medseek.serve.codegen``).
 """
