@@ -10,7 +10,10 @@ contiguous slices, rank ``r`` taking slice ``r``. The stream depends only on the
 the position, so a resumed run (position read from the checkpoint) sees exactly the data
 the uninterrupted run would. (This replaces ``DistributedSampler``, whose per-epoch
 shuffle cannot resume mid-epoch and interleaves ranks, which would change the contrastive
-batches.)
+batches.) With online curation (``train`` an :class:`~medseek.train.curation.OnlineSubset`)
+the stream runs over the current subset; every ``curation.rescore_every`` steps the
+whole pool is scored and the subset re-selected, and the chosen pool indices go into
+the checkpoint with the position.
 
 Data parallel
 -------------
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .curation import OnlineSubset
 from .data import PairDataset, collate, load_tokenizer, tokenize
 from .losses import combine_losses, encode_batch
 from .optim import build_optimizer, describe_split, lr_factor
@@ -166,12 +170,16 @@ class Trainer:
         self.samples_seen = 0
         self.compute = {"wall_s": 0.0, "cpu_s": 0.0}
         self._cache: dict[int, dict] = {}
+        self.online = isinstance(train, OnlineSubset) and train.cfg.rescore_every > 0
 
     # ------------------------------------------------------------------ state
 
     def state(self) -> dict:
-        return {"step": self.step, "position": self.position, "samples_seen": self.samples_seen,
-                "compute": dict(self.compute), "recipe": self.cfg.to_dict(), "world": self.world}
+        out = {"step": self.step, "position": self.position, "samples_seen": self.samples_seen,
+               "compute": dict(self.compute), "recipe": self.cfg.to_dict(), "world": self.world}
+        if self.online:
+            out["curation"] = self.train.state()
+        return out
 
     def save(self, path: str | Path | None = None) -> Path:
         path = Path(path) if path is not None else self.out / CHECKPOINT_NAME
@@ -185,6 +193,12 @@ class Trainer:
         self.step, self.position = int(state["step"]), int(state["position"])
         self.samples_seen = int(state["samples_seen"])
         self.compute = dict(state["compute"])
+        if self.online:
+            if "curation" not in state:
+                raise ValueError(f"resume: checkpoint {path} has no online-curation state, but the recipe "
+                                 "re-selects (curation.rescore_every > 0)")
+            self.train.restore(state["curation"])
+            self._cache.clear()
         if self.text_cache is not None:
             self.text_cache.forget(self.model)  # the checkpoint may hold other text weights
 
@@ -290,6 +304,9 @@ class Trainer:
                 if log and (self.step % max(self.cfg.log_every, 1) == 0 or self.step == target):
                     log.write(json.dumps(row) + "\n")
                     log.flush()
+                every = self.cfg.curation.rescore_every
+                if self.online and self.step % every == 0 and self.step < target:
+                    self._reselect(log)
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                     self.save()
                 if self.val is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
@@ -302,6 +319,34 @@ class Trainer:
             if log:
                 log.close()
         return last
+
+    def _reselect(self, log) -> dict:
+        """Online curation: score the whole pool with the current model, re-select the
+        subset, and log what changed (a ``{"step", "curation"}`` row in metrics.jsonl).
+        The scoring is compute of the run: its FLOPs (measured on the first round under
+        ``FlopCounterMode``, then reused) and time go into ``compute`` (``flops``,
+        ``wall_s``, ``cpu_s``), and separately into ``curation_flops`` / ``curation_wall_s``."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        if "flops_per_rescore" not in self.compute:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                losses = self.train.score(self.model, self.tokenizer, self.device, self.text_cache)
+            self.compute["flops_per_rescore"] = float(counter.get_total_flops())
+        else:
+            losses = self.train.score(self.model, self.tokenizer, self.device, self.text_cache)
+        info = self.train.reselect(losses)
+        self._cache.clear()  # local indices now name other pairs (the pool keeps the decoding)
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        flops = self.compute["flops_per_rescore"]
+        for key, add in (("flops", flops), ("curation_flops", flops), ("wall_s", dt), ("cpu_s", dc),
+                         ("curation_wall_s", dt)):
+            self.compute[key] = self.compute.get(key, 0.0) + add
+        if log:
+            log.write(json.dumps({"step": self.step, "curation": info}) + "\n")
+            log.flush()
+        return info
 
     def _log_eval(self, log) -> None:
         if self.rank != 0:

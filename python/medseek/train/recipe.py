@@ -6,7 +6,8 @@ the same layout works too::
 
     {"model": "wrist-tiny", "steps": 300, "batch_size": 16, "accum_steps": 1, "seed": 0,
      "loss": {...LossConfig fields}, "optim": {...OptimConfig fields},
-     "curation": {"method": "curated" | "random", "fraction": 0.25, "clusters": 8, "seed": 0},
+     "curation": {"method": "curated" | "random", "fraction": 0.25, "clusters": 8, "seed": 0,
+                  "rescore_every": 0, "loss_weight": 1.0},
      "eval_every": 100, "save_every": 100, "log_every": 10, "model_overrides": {...},
      "pretrained_text": true, "text_trainable_layers": 0}
 """
@@ -30,14 +31,26 @@ class CurationConfig:
     fraction: float = 1.0
     clusters: int = 8
     seed: int = 0  # k-means and within-cluster draw (random: the subset)
+    # online curation ("curated" only): every rescore_every optimizer steps the whole pool
+    # is scored with the current model and the subset re-selected with loss priority
+    # (medseek.train.curation.OnlineSubset); 0: the subset is chosen once, before training
+    rescore_every: int = 0
+    loss_weight: float = 1.0  # weight of the standardised per-pair loss against the noise
 
     def __post_init__(self) -> None:
         if self.method not in CURATION_METHODS:
             raise ValueError(f"curation.method must be one of {CURATION_METHODS}, got {self.method!r}")
-        if not 0 < self.fraction <= 1:
+        if not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
             raise ValueError(f"curation.fraction must be in (0, 1], got {self.fraction!r}")
         if not isinstance(self.clusters, int) or self.clusters < 1:
             raise ValueError(f"curation.clusters must be an int >= 1, got {self.clusters!r}")
+        if not isinstance(self.rescore_every, int) or isinstance(self.rescore_every, bool) or self.rescore_every < 0:
+            raise ValueError(f"curation.rescore_every must be an int >= 0, got {self.rescore_every!r}")
+        if self.rescore_every and self.method != "curated":
+            raise ValueError(f"curation.rescore_every needs method 'curated' (losses re-rank inside the "
+                             f"clusters), got method {self.method!r}")
+        if not isinstance(self.loss_weight, (int, float)) or not 0 <= self.loss_weight < float("inf"):
+            raise ValueError(f"curation.loss_weight must be a finite number >= 0, got {self.loss_weight!r}")
 
 
 @dataclass(frozen=True)
