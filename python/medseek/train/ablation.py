@@ -419,6 +419,9 @@ def run_variant(name: str, recipe: str, overrides: dict, data: str | Path, out_d
     sub, report = apply_curation(train, cfg.curation, model, text_cache=cache)
     if report is not None:
         (run_dir / "curation.json").write_text(json.dumps(report, indent=1))
+    from .unpaired import apply_unpaired
+
+    sub = apply_unpaired(sub, cfg.unpaired)
     trainer = Trainer(cfg, model, sub, run_dir, device=device, progress=False, text_cache=cache)
     t0 = time.perf_counter()
     last = trainer.fit()

@@ -30,6 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "costophrenic angles, cardiac silhouette on PA films) on --data, or on its "
                         "corpus rebuilt under OUT/corpus; writes OUT/localiser/<name>.safetensors "
                         "and its card with the test IoU")
+    p.add_argument("--federated", default=None, metavar="CONFIG",
+                   help="federated run (medseek.train.federated, needs the 'federated' extra): a JSON "
+                        "config (recipe, data, clients, rounds, local_steps, partition, strategy, mu, "
+                        "missing); starts a Flower server and client processes on 127.0.0.1, writes "
+                        "OUT/global.npz, OUT/summary.json and the test metrics OUT/test.json")
     p.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.safetensors")
@@ -66,6 +71,22 @@ def run_release(args: argparse.Namespace) -> int:
     return 0 if all(r["ok"] for r in rows) else 1
 
 
+def run_federated_cli(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .federated import evaluate_federated, load_federated_config, run_federated
+
+    fc = load_federated_config(args.federated, recipe=args.recipe, data=args.data, out=args.out)
+    summary = run_federated(fc)
+    test = evaluate_federated(fc)
+    (Path(fc.out) / "test.json").write_text(json.dumps(test, indent=1))
+    print(f"train: federated {fc.strategy} on {fc.partition} partitions, {fc.clients} clients x "
+          f"{fc.rounds} rounds, {summary['bytes_per_round'] / 2**20:.2f} MiB per round; "
+          f"global weights {fc.out}/global.npz")
+    return 0
+
+
 def run_train(args: argparse.Namespace) -> int:
     import json
     import os
@@ -73,6 +94,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     import torch
 
+    if args.federated is not None:
+        return run_federated_cli(args)
     if args.localiser is not None:
         if args.recipe or args.release or args.resume:
             raise SystemExit("medseek train: --localiser takes its own recipe; leave out "
@@ -120,6 +143,9 @@ def run_train(args: argparse.Namespace) -> int:
     train, report = apply_curation(train, cfg.curation, model)
     if report is not None:
         (out / "curation.json").write_text(json.dumps(report, indent=1))
+    from .unpaired import apply_unpaired
+
+    train = apply_unpaired(train, cfg.unpaired)
     if cfg.loss.w_pheno > 0:  # PhenoLIP: the stage-1 phenotype space, cached in the run folder
         from .pheno import install_teacher, phenotype_space
 

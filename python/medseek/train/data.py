@@ -220,6 +220,8 @@ def collate(items: list[dict], tokenizer, text_ids: dict) -> dict:
              "labels": torch.from_numpy(np.stack([it["labels"] for it in items])),
              "findings": torch.from_numpy(np.stack([it["findings"] for it in items])),
              "ids": [it["id"] for it in items]}
+    if "pairing" in items[0]:  # medseek.train.unpaired: PAIRED / IMAGE_ONLY / REPORT_ONLY per row
+        batch["pairing"] = torch.tensor([it["pairing"] for it in items], dtype=torch.long)
     if "image" in items[0]:
         batch["images"] = torch.from_numpy(np.stack([it["image"] for it in items]))
         batch["boxes"] = torch.from_numpy(np.stack([it["boxes"] for it in items]))

@@ -79,6 +79,9 @@ class LossConfig:
     # PhenoLIP: distil the HPO phenotype space into image/report embeddings against the
     # model's phenotype prompts (medseek.train.pheno; needs the pheno extra)
     w_pheno: float = 0.0
+    # LGDEA with unpaired data (medseek.train.unpaired): the finding BCE on the image side
+    # of image-only rows and the text side of report-only rows of a batch with "pairing"
+    w_finding_unpaired: float = 0.0
 
     def __post_init__(self) -> None:
         if self.contrastive not in CONTRASTIVE:
@@ -86,7 +89,7 @@ class LossConfig:
         if self.soft_labels and self.contrastive != "clip":
             raise ValueError("soft_labels needs contrastive='clip' (the sigmoid loss has no soft targets)")
         for name in ("w_global", "w_region", "w_organ", "w_gap", "gap_uniformity", "w_finding",
-                     "w_region_finding", "w_pheno"):
+                     "w_region_finding", "w_pheno", "w_finding_unpaired"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
@@ -229,29 +232,45 @@ def combine_losses(model, emb: dict[str, torch.Tensor], batch: dict, cfg: LossCo
     bias = model.logit_scale.bias
     parts: dict[str, torch.Tensor] = {}
     vis, txt = gather(emb["visual"]), gather(emb["text"])
-    if cfg.w_global > 0:
+    findings = gather(batch["findings"]) if "findings" in batch else None
+    pairing = gather(batch["pairing"]) if batch.get("pairing") is not None else None
+    if pairing is not None:  # unpaired evidence alignment: only the pairs are pairs
+        if cfg.w_region > 0 or cfg.w_organ > 0 or cfg.w_region_finding > 0:
+            raise ValueError("a batch with 'pairing' (unpaired training) supports the global, gap, "
+                             "finding and pheno terms only; set w_region, w_organ, w_region_finding to 0")
+        from .unpaired import PAIRED, unpaired_finding_loss
+
+        if cfg.w_finding_unpaired > 0:
+            parts["finding_unpaired"] = unpaired_finding_loss(model, vis, txt, findings, pairing)
+        keep = pairing == PAIRED
+        vis, txt = vis[keep], txt[keep]
+        findings = findings[keep] if findings is not None else None
+    has_pairs = vis.shape[0] > 0
+    if cfg.w_global > 0 and has_pairs:
         labels = gather(batch["labels"]) if cfg.soft_labels else None
+        if labels is not None and pairing is not None:
+            labels = labels[pairing == PAIRED]
         parts["global"] = contrastive_loss(vis, txt, scale, bias, cfg.contrastive, labels)
     for key, weight in (("region", cfg.w_region), ("organ", cfg.w_organ)):
         if weight > 0 and key in emb:
             parts[key] = grouped_pair_loss(gather(emb[key]), gather(emb[f"{key}_text"]),
                                            gather(emb[f"{key}_group"]), scale, bias, cfg.contrastive)
-    if cfg.w_gap > 0:
+    if cfg.w_gap > 0 and has_pairs:
         parts["gap"] = modality_gap_loss(vis, txt, cfg.gap_uniformity)
-    if cfg.w_finding > 0:
-        parts["finding"] = finding_loss(model, vis, txt, gather(batch["findings"]))
+    if cfg.w_finding > 0 and has_pairs:
+        parts["finding"] = finding_loss(model, vis, txt, findings)
     if cfg.w_region_finding > 0:
         key = "region" if "region" in emb else "organ"
         if key in emb and emb[key].shape[0] > 0:
             parts["region_finding"] = finding_loss(model, gather(emb[key]), gather(emb[f"{key}_text"]),
                                                    gather(batch[f"{key}_findings"]))
-    if cfg.w_pheno > 0:
+    if cfg.w_pheno > 0 and has_pairs:
         from .pheno import pheno_loss
 
-        parts["pheno"] = pheno_loss(model, vis, txt, gather(batch["findings"]))
+        parts["pheno"] = pheno_loss(model, vis, txt, findings)
     weights = {"global": cfg.w_global, "region": cfg.w_region, "organ": cfg.w_organ,
                "gap": cfg.w_gap, "finding": cfg.w_finding, "region_finding": cfg.w_region_finding,
-               "pheno": cfg.w_pheno}
+               "pheno": cfg.w_pheno, "finding_unpaired": cfg.w_finding_unpaired}
     if not parts:
         raise ValueError("no loss term is active: every weight is 0 or its inputs are missing")
     total = sum(weights[k] * v for k, v in parts.items())

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .losses import LossConfig
 from .optim import OptimConfig
+from .unpaired import UnpairedConfig
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 CURATION_METHODS = ("none", "curated", "random")
@@ -59,6 +60,8 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     curation: CurationConfig = field(default_factory=CurationConfig)
+    # LGDEA unpaired evidence alignment (medseek.train.unpaired); pairs_kept 1.0: off
+    unpaired: UnpairedConfig = field(default_factory=UnpairedConfig)
     steps: int = 100  # optimizer steps
     batch_size: int = 8  # global pairs per optimizer step (all ranks, all micro-batches)
     accum_steps: int = 1  # micro-batches per step (contrastive negatives stay within one)
@@ -114,7 +117,8 @@ def recipe_from_dict(raw: dict, name: str = "") -> TrainConfig:
         raise ValueError(f"unknown recipe keys: {unknown}; known: {sorted(known)}")
     if "model" not in raw:
         raise ValueError(f"recipe {name!r} lacks 'model'")
-    sections = {"loss": LossConfig, "optim": OptimConfig, "curation": CurationConfig}
+    sections = {"loss": LossConfig, "optim": OptimConfig, "curation": CurationConfig,
+                "unpaired": UnpairedConfig}
     kwargs = dict(raw)
     for key, cls in sections.items():
         sub = raw.get(key, {})
