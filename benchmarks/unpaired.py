@@ -40,22 +40,11 @@ def _per_query(out: Path, name: str, data: Path, labels: dict, cache) -> dict:
     from medseek.eval.classification import zero_shot_scores
     from medseek.eval.metrics import label_overlap_relevance, ndcg_at_k
     from medseek.eval.prompts import prompt_embeddings
-    from medseek.models.factory import create_model
-    from medseek.train.ablation import _patients
-    from medseek.train.checkpoint import load_model_weights
+    from medseek.train.ablation import _patients, load_variant_model
     from medseek.train.data import PairDataset, load_tokenizer
     from medseek.train.loop import embed_dataset, encode_texts
-    from medseek.train.recipe import recipe_from_dict
-    from medseek.train.text_features import freeze_text_layers
 
-    row = json.loads((out / f"{name}.json").read_text())
-    raw = dict(row["recipe"])
-    cfg = recipe_from_dict({k: v for k, v in raw.items() if k != "name"}, name=raw.get("name", ""))
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, pretrained_text=cfg.pretrained_text, **cfg.model_overrides)
-    load_model_weights(out / name / "checkpoint.safetensors", model)
-    freeze_text_layers(model, cfg.text_trainable_layers)
-    model.eval()
+    model, _ = load_variant_model(out, json.loads((out / f"{name}.json").read_text()))
     tok = load_tokenizer(model.cfg.text.max_length)
     test = PairDataset.from_manifest(data, model.cfg, "test")
     v, t = embed_dataset(model, test, tok, text_cache=cache)

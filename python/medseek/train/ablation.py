@@ -454,17 +454,34 @@ def run_variant(name: str, recipe: str, overrides: dict, data: str | Path, out_d
     return rows
 
 
+def load_variant_model(out_dir: str | Path, row: dict, device: str = "cpu"):
+    """The model of a trained variant (``row``: its ``out_dir/<variant>.json``) as it was
+    trained: the recipe's seeded init, the variant's checkpoint (none for ``untrained``),
+    the recipe's frozen text layers, in eval mode; returns ``(model, recipe)``."""
+    from medseek.models.factory import create_model
+
+    from .checkpoint import load_model_weights
+    from .recipe import recipe_from_dict
+    from .text_features import freeze_text_layers
+
+    raw = dict(row["recipe"])
+    cfg = recipe_from_dict({k: v for k, v in raw.items() if k != "name"}, name=raw.get("name", ""))
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, pretrained_text=cfg.pretrained_text, **cfg.model_overrides)
+    if row["variant"] != "untrained":
+        load_model_weights(Path(out_dir) / row["variant"] / "checkpoint.safetensors", model)
+    model.to(device)
+    freeze_text_layers(model, cfg.text_trainable_layers)
+    return model.eval(), cfg
+
+
 def reevaluate(out_dir: str | Path, data: str | Path, *, text_cache=None, n_boot: int = 1000,
                device: str = "cpu") -> list[str]:
     """Re-run the test evaluation of every ``out_dir/<variant>.json`` from its saved
     checkpoint (``untrained``: the recipe's seeded init), keeping the training numbers;
     for when the metrics change after the variants were trained."""
-    from medseek.models.factory import create_model
-
-    from .checkpoint import load_model_weights
     from .data import PairDataset, load_tokenizer
-    from .recipe import recipe_from_dict
-    from .text_features import TextFeatureCache, freeze_text_layers, text_tower_frozen
+    from .text_features import TextFeatureCache, text_tower_frozen
 
     out_dir = Path(out_dir)
     done, labels = [], None
@@ -472,14 +489,7 @@ def reevaluate(out_dir: str | Path, data: str | Path, *, text_cache=None, n_boot
         row = json.loads(path.read_text())
         if "variant" not in row or "recipe" not in row:
             continue
-        raw = dict(row["recipe"])
-        cfg = recipe_from_dict({k: v for k, v in raw.items() if k != "name"}, name=raw.get("name", ""))
-        torch.manual_seed(cfg.seed)
-        model = create_model(cfg.model, pretrained_text=cfg.pretrained_text, **cfg.model_overrides)
-        if row["variant"] != "untrained":
-            load_model_weights(out_dir / row["variant"] / "checkpoint.safetensors", model)
-        model.to(device)
-        freeze_text_layers(model, cfg.text_trainable_layers)
+        model, cfg = load_variant_model(out_dir, row, device)
         tokenizer = load_tokenizer(model.cfg.text.max_length)
         cache = None
         if text_tower_frozen(model):
