@@ -95,9 +95,8 @@ def paired_differences(out: Path, data: Path, labels: dict, cache, n_boot: int, 
     import math
 
     from medseek.eval.classification import auroc, zero_shot_scores
-    from medseek.eval.metrics import label_overlap_relevance, ndcg_at_k
     from medseek.eval.prompts import report_prompts
-    from medseek.train.ablation import _cluster_stat_ci, _patients
+    from medseek.train.ablation import _cluster_stat_ci, per_query_ndcg
     from medseek.train.pheno import hpo_prompt_sets, prompt_bank
 
     seen, held = labels["zero_shot"], labels["held_out"]
@@ -105,14 +104,10 @@ def paired_differences(out: Path, data: Path, labels: dict, cache, n_boot: int, 
     per: dict = {}
     for name, _ in VARIANTS:
         test, v, t, encode = _load_variant(out, name, data, cache)
-        y, pid = test.label_matrix(), _patients(test)
-        jac = label_overlap_relevance(y, y, "jaccard")
-        s = v @ v.T
-        s[pid[:, None] == pid[None, :]] = -np.inf
-        study = np.array([r.study_id or r.id for r in test.records])
-        first = np.sort(np.unique(study, return_index=True)[1])
+        q = per_query_ndcg(v, test, t)
+        y, pid, first = q["y"], q["pid"], q["first"]
         per[name] = {
-            "i2i": ndcg_at_k(s, jac, 10), "t2i": ndcg_at_k(t[first] @ v.T, jac[first], 10),
+            "i2i": q["i2i"], "t2i": q["t2i"],
             "seen": zero_shot_scores(v, prompt_bank(encode, [report_prompts(lab) for lab in seen])),
             "held_hpo": zero_shot_scores(v, prompt_bank(encode, [hpo_prompt_sets(lab, "name") for lab in held])),
             "syn": zero_shot_scores(v, prompt_bank(encode, [hpo_prompt_sets(lab, "synonyms") for lab in syn]))}

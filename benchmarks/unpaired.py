@@ -38,9 +38,8 @@ CONTRASTS = (("unpaired-10", "paired-only-10"), ("unpaired-10", "fully-paired"),
 def _per_query(out: Path, name: str, data: Path, labels: dict, cache) -> dict:
     """Per-query nDCG@10 and zero-shot scores of a trained variant on the test split."""
     from medseek.eval.classification import zero_shot_scores
-    from medseek.eval.metrics import label_overlap_relevance, ndcg_at_k
     from medseek.eval.prompts import prompt_embeddings
-    from medseek.train.ablation import _patients, load_variant_model
+    from medseek.train.ablation import load_variant_model, per_query_ndcg
     from medseek.train.data import PairDataset, load_tokenizer
     from medseek.train.loop import embed_dataset, encode_texts
 
@@ -48,16 +47,9 @@ def _per_query(out: Path, name: str, data: Path, labels: dict, cache) -> dict:
     tok = load_tokenizer(model.cfg.text.max_length)
     test = PairDataset.from_manifest(data, model.cfg, "test")
     v, t = embed_dataset(model, test, tok, text_cache=cache)
-    y, pid = test.label_matrix(), _patients(test)
-    jac = label_overlap_relevance(y, y, "jaccard")
-    s = v @ v.T
-    s[pid[:, None] == pid[None, :]] = -np.inf
-    study = np.array([r.study_id or r.id for r in test.records])
-    first = np.sort(np.unique(study, return_index=True)[1])
     names = list(test.label_names)
     pe = prompt_embeddings(lambda xs: encode_texts(model, xs, tok, text_cache=cache), names)
-    return {"i2i": ndcg_at_k(s, jac, 10), "t2i": ndcg_at_k(t[first] @ v.T, jac[first], 10),
-            "zs": zero_shot_scores(v, pe), "y": y, "pid": pid, "first": first, "names": names}
+    return {**per_query_ndcg(v, test, t), "zs": zero_shot_scores(v, pe), "names": names}
 
 
 def paired_differences(out: Path, data: Path, cache, n_boot: int = 1000, seed: int = 0) -> dict:

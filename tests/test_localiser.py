@@ -57,16 +57,6 @@ def test_iou_giou_and_loss():
         localiser_loss(a, a[None])
 
 
-@pytest.fixture
-def one_torch_thread():
-    """One torch thread: on the shared 2-core CI box two threads spin against each other
-    (a training step took 10x longer, measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("loc-wrist")

@@ -173,6 +173,18 @@ def test_runner_trains_and_evaluates_on_test(cxr_dir, tmp_path):
         again = json.loads((tmp_path / "out" / f"{name}.json").read_text())["test"]
         assert again["i2i_ndcg@10"] == row["test"]["i2i_ndcg@10"]
         assert again["zero_shot_auroc"] == row["test"]["zero_shot_auroc"]
+    # a trained variant loaded back gives per-query nDCG whose means are the row's metrics
+    # (what the paired benchmarks compare query by query)
+    from medseek.train.loop import embed_dataset
+
+    model, _ = ablation.load_variant_model(tmp_path / "out", {**base, "variant": "base"})
+    tok = load_tokenizer(model.cfg.text.max_length)
+    v, t = embed_dataset(model, ds, tok)
+    q = ablation.per_query_ndcg(v, ds, t)
+    for key, vals, pid in (("i2i_ndcg@10", q["i2i"], q["pid"]),
+                           ("t2i_ndcg@10", q["t2i"], q["pid"][q["first"]])):
+        got = ablation._cluster_mean_ci(vals, pid, 50, 0)["value"]
+        assert got == pytest.approx(te[key]["value"], abs=1e-6), key
 
 
 def test_runner_volume_rows_report_text_to_volume_recall(ct_dir, tmp_path):

@@ -158,14 +158,27 @@ def image_to_image_ndcg(v: np.ndarray, ds, n_boot: int = 1000, seed: int = 0) ->
     patients with a patient-level bootstrap CI. Any embedding is scored this way: a
     trained tower, raw pixels, a supervised reference (``benchmarks/quality_reference.py``).
     """
+    q = per_query_ndcg(v, ds)
+    return _cluster_mean_ci(q["i2i"], q["pid"], n_boot, seed)
+
+
+def per_query_ndcg(v: np.ndarray, ds, t: np.ndarray | None = None) -> dict:
+    """Per-query nDCG@10 graded by Jaccard label overlap, for paired comparisons of two
+    models on the same queries: ``i2i`` (N,), image→image with the query's own patient
+    excluded; with report embeddings ``t`` (N, D), ``t2i`` (S,), one report query per study
+    (its first item, rows ``first``) against every image. Also ``pid`` (N,) and ``y``."""
     from medseek.eval.metrics import label_overlap_relevance, ndcg_at_k
 
-    y = ds.label_matrix()
-    pid = _patients(ds)
+    y, pid = ds.label_matrix(), _patients(ds)
+    jac = label_overlap_relevance(y, y, "jaccard")
     s = v @ v.T
     s[pid[:, None] == pid[None, :]] = -np.inf
-    return _cluster_mean_ci(ndcg_at_k(s, label_overlap_relevance(y, y, "jaccard"), 10), pid,
-                            n_boot, seed)
+    out = {"i2i": ndcg_at_k(s, jac, 10), "pid": pid, "y": y}
+    if t is not None:
+        study = np.array([r.study_id or r.id for r in ds.records])
+        first = np.sort(np.unique(study, return_index=True)[1])
+        out.update(t2i=ndcg_at_k(t[first] @ v.T, jac[first], 10), first=first)
+    return out
 
 
 def explanation_quality(model, v: np.ndarray, s: np.ndarray, ds, k: int = 10) -> dict:
