@@ -203,6 +203,9 @@ def main(argv=None) -> int:
     p.add_argument("--sigkill", type=int, default=20, help="SIGKILL trials")
     p.add_argument("--overload", action="store_true", help="run the 64-client overload mix")
     p.add_argument("--overload-seconds", type=float, default=60.0)
+    p.add_argument("--light-interval", type=float, default=0.0,
+                   help="overload: each light client sends one request per this many seconds "
+                        "(0: back to back)")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
     p.add_argument("--json", type=Path, help="write the summary here")
@@ -229,7 +232,8 @@ def main(argv=None) -> int:
 
         print(f"overload: {args.clients} clients", flush=True)
         summary["overload"] = overload(out / "overload", args.clients,
-                                       duration_s=args.overload_seconds)
+                                       duration_s=args.overload_seconds,
+                                       light_interval_s=args.light_interval)
         print(f"  {summary['overload']}", flush=True)
     summary["wall_s"] = time.monotonic() - t0
     _dump(summary, args.json)

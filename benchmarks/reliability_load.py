@@ -1,11 +1,12 @@
 """Overload: light requests (text search) beside heavy ones (volume and large-image search)
 from 64 clients; the light requests' p99 under that load against their p99 alone.
 
-Clients are threads of this process, each with its own channel; they spend their time
-blocked in gRPC's C core, so the GIL adds little to the latencies measured."""
+Clients are threads, each with its own channel: the light ones in this process, the heavy
+ones in a second process (``_load_phase`` says why)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 from collections import Counter
@@ -49,22 +50,26 @@ def _timed_lights(address: str, n: int) -> list[float]:
     return out
 
 
-def _load_phase(address: str, heavy: list, n_heavy: int, n_light: int,
-                duration_s: float) -> dict:
-    """``n_heavy`` clients looping over ``heavy`` requests and ``n_light`` looping over text
-    searches for ``duration_s`` (after a ramp-up); latencies of the OK answers, and every
-    status code seen."""
+def _clients(address: str, kind: str, requests: list, n: int, pace: float, ramp_s: float,
+             duration_s: float) -> tuple[list[float], Counter]:
+    """``n`` client threads, each on its own channel, looping over ``requests`` (one per
+    ``pace`` seconds on a fixed schedule from a spread-out phase, at once when behind; 0:
+    back to back) for ``ramp_s + duration_s``; the latencies of the OK answers after the
+    ramp-up, and every status code seen."""
     stop, measuring = threading.Event(), threading.Event()
     lock = threading.Lock()
-    lat = {"light": [], "heavy": []}
-    codes = Counter()
+    lat: list[float] = []
+    codes: Counter = Counter()
 
-    def client(i: int, is_heavy: bool) -> None:
-        kind = "heavy" if is_heavy else "light"
+    def client(i: int) -> None:
+        due = time.perf_counter() + pace * ((i * 0.618) % 1.0)
         with RetrievalClient(address, max_message_bytes=64 * 1024 * 1024) as c:
             j = 0
             while not stop.is_set():
-                req = heavy[j % len(heavy)] if is_heavy else _light(i + j)
+                if pace:
+                    stop.wait(max(0.0, due - time.perf_counter()))
+                    due = max(due + pace, time.perf_counter())
+                req = requests[(i + j) % len(requests)]
                 t0 = time.perf_counter()
                 try:
                     c.search(req, timeout=300)
@@ -75,19 +80,55 @@ def _load_phase(address: str, heavy: list, n_heavy: int, n_light: int,
                 with lock:
                     codes[f"{kind} {code}"] += 1
                     if code == "OK" and measuring.is_set():
-                        lat[kind].append(dt)
+                        lat.append(dt)
                 j += 1
 
-    threads = [threading.Thread(target=client, args=(i, i < n_heavy), daemon=True)
-               for i in range(n_heavy + n_light)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
-    time.sleep(min(10.0, duration_s / 4))  # ramp-up: every client in flight
+    time.sleep(ramp_s)  # ramp-up: every client in flight
     measuring.set()
     time.sleep(duration_s)
     stop.set()
     for t in threads:
         t.join(timeout=600)
+    return lat, codes
+
+
+def _heavy_process(address: str, serialized: list[bytes], n: int, ramp_s: float,
+                   duration_s: float, out) -> None:
+    """The heavy clients, in a process of their own (``_load_phase``)."""
+    requests = [pb.SearchRequest.FromString(b) for b in serialized]
+    out.put(_clients(address, "heavy", requests, n, 0.0, ramp_s, duration_s))
+
+
+def _load_phase(address: str, heavy: list, n_heavy: int, n_light: int,
+                duration_s: float, light_interval_s: float = 0.0) -> dict:
+    """``n_heavy`` clients looping over ``heavy`` requests and ``n_light`` over text
+    searches for ``duration_s`` (after a ramp-up); latencies of the OK answers, and every
+    status code seen. With ``light_interval_s`` a light client sends one request per
+    interval, like a person at a viewer; 0: back to back (closed loop).
+
+    The heavy clients run in a process of their own, as they would on other machines:
+    in one process, their threads building and copying 21 MB messages held this
+    process's GIL while the light clients' answers waited to be read, and the light
+    latencies measured the load generator as much as the server."""
+    ramp = min(10.0, duration_s / 4)
+    heavy_proc = None
+    if n_heavy:
+        ctx = multiprocessing.get_context("spawn")
+        results = ctx.Queue()
+        heavy_proc = ctx.Process(target=_heavy_process, daemon=True, args=(
+            address, [r.SerializeToString() for r in heavy], n_heavy, ramp, duration_s, results))
+        heavy_proc.start()
+    lights = [_light(i) for i in range(len(QUERIES))]
+    light_lat, codes = _clients(address, "light", lights, n_light, light_interval_s, ramp,
+                                duration_s)
+    lat = {"light": light_lat, "heavy": []}
+    if heavy_proc is not None:
+        lat["heavy"], heavy_codes = results.get(timeout=900)
+        codes.update(heavy_codes)
+        heavy_proc.join(timeout=60)
     out = {"codes": dict(codes)}
     for kind, values in lat.items():
         if values:
@@ -97,10 +138,12 @@ def _load_phase(address: str, heavy: list, n_heavy: int, n_light: int,
 
 
 def overload(workdir: Path, clients: int = 64, heavy_fraction: float = 0.5,
-             duration_s: float = 60.0, unloaded_n: int = 200, log=print) -> dict:
+             duration_s: float = 60.0, unloaded_n: int = 200, light_interval_s: float = 0.0,
+             log=print) -> dict:
     """Light p99 alone, under ``clients`` clients (``heavy_fraction`` of them heavy), and
     under the same number of light clients without the heavy ones (a control that tells
-    waiting behind heavy work from plain concurrency on this machine's cores)."""
+    waiting behind heavy work from plain concurrency on this machine's cores). Light
+    clients send back to back, or one request per ``light_interval_s``."""
     # a 256 x 256 x 160 int16 CT at 1 mm (21 MB) and a 2048 x 2048 radiograph (4 MP)
     heavy = [pb.SearchRequest(volume=seeds.nifti_bytes((256, 256, 160), (1.0, 1.0, 1.0),
                                                        seed=9, dtype=np.int16), k=10),
@@ -112,14 +155,17 @@ def overload(workdir: Path, clients: int = 64, heavy_fraction: float = 0.5,
         alone = np.array(_timed_lights(s.address, unloaded_n)) * 1e3
         log(f"  unloaded light p50 {np.percentile(alone, 50):.1f} ms, "
             f"p99 {np.percentile(alone, 99):.1f} ms")
-        mixed = _load_phase(s.address, heavy, n_heavy, clients - n_heavy, duration_s)
+        mixed = _load_phase(s.address, heavy, n_heavy, clients - n_heavy, duration_s,
+                            light_interval_s)
         log(f"  mixed: {mixed}")
-        control = _load_phase(s.address, heavy, 0, clients - n_heavy, duration_s)
+        control = _load_phase(s.address, heavy, 0, clients - n_heavy, duration_s,
+                              light_interval_s)
         log(f"  light only: {control}")
         alive = s.alive()
     p99 = float(np.percentile(alone, 99))
     ratio = lambda phase: phase["light"]["p99_ms"] / p99 if "light" in phase else None  # noqa: E731
     return {"clients": clients, "heavy_clients": n_heavy, "duration_s": duration_s,
+            "light_interval_s": light_interval_s,
             "unloaded": {"n": len(alone), "p50_ms": float(np.percentile(alone, 50)),
                          "p99_ms": p99},
             "mixed": mixed, "light_only": control, "p99_ratio": ratio(mixed),

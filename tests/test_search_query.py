@@ -51,7 +51,7 @@ def test_query_options_resolve_against_the_config_and_hash():
      "one of text, image, volume or item_id is required"),
     (lambda: SearchQuery("text", "x", options=QueryOptions(k=MAX_K + 1)), "k",
      f"must be in [1, {MAX_K}], got {MAX_K + 1}"),
-    (lambda: SearchQuery("text", 3), "text", "must be str or bytes, got int"),
+    (lambda: SearchQuery("text", 3), "text", "must be str, bytes or a memoryview, got int"),
     (lambda: SearchQuery("text", "x", options={"k": 3}), "options",
      "must be a QueryOptions, got dict"),
     (lambda: RegionSpec(""), "region.name", "must be non-empty"),

@@ -12,6 +12,7 @@ grpc = pytest.importorskip("grpc")  # the [server] extra
 pytest.importorskip("grpc_health")
 from medseek.io import ReadLimits  # noqa: E402
 from medseek.serve import ingest as ing  # noqa: E402
+from medseek.serve import item_records  # noqa: E402
 from medseek.serve.client import RetrievalClient  # noqa: E402
 from medseek.serve.config import BatchConfig, PreprocessSpec, ServeConfig  # noqa: E402
 from medseek.serve.local_encoder import LocalTorchEncoder  # noqa: E402
@@ -233,10 +234,10 @@ def test_reingest_replaces_chunks_and_delete_removes_them(client):
 def test_chunk_z_ranges_map_back_to_the_uploaded_slices():
     # 1 mm slices resampled to 4 mm: uploaded slice k sits nearest resampled slice k / 4
     # (half-open ranges [z0, z1) in and out)
-    z = ing.source_z_ranges(np.array([[0, 4], [4, 8], [8, 10]]), 4.0, 40, 10)
+    z = item_records.source_z_ranges(np.array([[0, 4], [4, 8], [8, 10]]), 4.0, 40, 10)
     assert z.tolist() == [[0, 14], [14, 30], [30, 40]]  # a tiling of all 40 slices
     # 10 mm slices resampled to 1 mm: a chunk between two uploaded slices gets both
-    z = ing.source_z_ranges(np.array([[0, 4], [4, 8], [8, 30]]), 0.1, 3, 30)
+    z = item_records.source_z_ranges(np.array([[0, 4], [4, 8], [8, 30]]), 0.1, 3, 30)
     assert z.tolist() == [[0, 1], [0, 2], [1, 3]]
 
 

@@ -150,3 +150,51 @@ def test_lanes_are_configured_from_a_table(tmp_path):
     assert cfg.encode_lanes.text == EncodeLane()
     with pytest.raises(ValueError, match="workers must be >= 1"):
         EncodeLanes(text={"workers": 0})
+
+
+def test_lane_byte_budget_counts_uploads_until_decoded():
+    """``EncodeLane.max_queued_bytes``: uploads waiting to be decoded count by their size;
+    one over the budget is refused naming it, an empty lane takes any one upload, and the
+    bytes are given back once decoded (also when decoding fails)."""
+    import asyncio
+
+    from medseek.serve.batcher import QueueFull
+    from medseek.serve.encoding import Lane
+
+    release = threading.Event()
+
+    def slow(x):
+        release.wait(60)
+        if x == "bad":
+            raise ValueError("corrupt")
+        return x
+
+    async def main():
+        lane = Lane("volume", EncodeLane(decode_threads=1, max_queued_bytes=100),
+                    BatchConfig(), lambda kind, rows: rows, lambda *a: None)
+        try:
+            first = asyncio.ensure_future(lane.decode(slow, "a", nbytes=150))  # empty: taken
+            await asyncio.sleep(0)
+            assert lane.queued_bytes == 150
+            with pytest.raises(QueueFull, match="max_queued_bytes=100"):
+                await lane.decode(slow, "b", nbytes=1)
+            release.set()
+            assert await first == "a"
+            assert lane.queued_bytes == 0
+            release.clear()
+            second = asyncio.ensure_future(lane.decode(slow, "bad", nbytes=60))
+            third = asyncio.ensure_future(lane.decode(slow, "c", nbytes=40))  # 100: fits
+            await asyncio.sleep(0)
+            assert lane.queued_bytes == 100
+            with pytest.raises(QueueFull, match="volume lane holds 100 upload bytes"):
+                await lane.decode(slow, "d", nbytes=1)
+            release.set()
+            with pytest.raises(ValueError, match="corrupt"):
+                await second
+            assert await third == "c"
+            assert lane.queued_bytes == 0 and lane.depth == 0
+        finally:
+            release.set()
+            await lane.close()
+
+    asyncio.run(main())

@@ -314,7 +314,7 @@ class SearchQuery:
     """
 
     kind: str | None
-    content: str | bytes = field(repr=False)
+    content: str | bytes | memoryview = field(repr=False)  # a view: a large upload (serve.wire)
     collection: str | None = None
     options: QueryOptions = field(default_factory=QueryOptions)
     region: RegionSpec | None = None
@@ -326,6 +326,6 @@ class SearchQuery:
             raise InvalidQuery("options", f"must be a QueryOptions, got "
                                           f"{type(self.options).__name__}")
         check_k(self.options.k)
-        if not isinstance(self.content, (str, bytes)):
-            raise InvalidQuery(self.kind, f"must be str or bytes, got "
+        if not isinstance(self.content, (str, bytes, memoryview)):
+            raise InvalidQuery(self.kind, f"must be str, bytes or a memoryview, got "
                                           f"{type(self.content).__name__}")

@@ -126,6 +126,12 @@ class EncodeLane:
         Requests of this lane waiting at once (for a decode thread, or decoded and
         waiting for the encoder); one more is refused with RESOURCE_EXHAUSTED naming the
         lane, and nothing of the other lanes is touched. None: ``encode_batch.max_queue``.
+    max_queued_bytes : int, optional
+        Upload bytes of this lane's requests waiting to be decoded, at once: what the
+        queue holds in memory, counted by work and not by requests (32 queued CT uploads
+        of 21 MB are 670 MB). A request that would go over is refused with
+        RESOURCE_EXHAUSTED naming the lane and this budget, unless the lane is empty (one
+        upload is bounded by ``max_receive_message_bytes``). None: no byte budget.
     nice : int
         Scheduling niceness (0-19, Linux) of the lane's decode and encoder threads: a
         heavy lane at 10 gives way on busy cores to the light lane's threads and the event
@@ -135,6 +141,7 @@ class EncodeLane:
     workers: int = 1
     decode_threads: int = 1
     max_queue: int | None = None
+    max_queued_bytes: int | None = None
     nice: int = 0
 
     def __post_init__(self) -> None:
@@ -144,6 +151,9 @@ class EncodeLane:
             raise ValueError(f"decode_threads must be >= 1, got {self.decode_threads!r}")
         if self.max_queue is not None and self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1 or None, got {self.max_queue!r}")
+        if self.max_queued_bytes is not None and self.max_queued_bytes < 1:
+            raise ValueError(f"max_queued_bytes must be >= 1 or None, got "
+                             f"{self.max_queued_bytes!r}")
         if not 0 <= self.nice <= 19:
             raise ValueError(f"nice must be in [0, 19], got {self.nice!r}")
 
@@ -159,8 +169,9 @@ class EncodeLanes:
     """
 
     text: EncodeLane = EncodeLane()
-    image: EncodeLane = EncodeLane(decode_threads=2, nice=10)
-    volume: EncodeLane = EncodeLane(decode_threads=2, max_queue=32, nice=10)
+    image: EncodeLane = EncodeLane(decode_threads=2, max_queued_bytes=256 * 2**20, nice=10)
+    volume: EncodeLane = EncodeLane(decode_threads=2, max_queue=32,
+                                    max_queued_bytes=512 * 2**20, nice=10)
 
     def __post_init__(self) -> None:
         for name in ("text", "image", "volume"):
@@ -281,7 +292,8 @@ class ServeConfig:
         The encoder's lanes (text, image, volume): workers, decode threads and a bounded
         queue each (defaults: 1 worker each; 2 decode threads for images and for
         volumes, whose threads run at nice 10; the volume queue holds 32, the others
-        ``encode_batch.max_queue``).
+        ``encode_batch.max_queue``; uploads waiting to be decoded: at most 256 MiB of
+        images and 512 MiB of volumes).
     stream_window : int
         Requests of one ``SearchStream`` the server holds at once (read and not yet
         answered); it reads no further until one is answered, so a client streaming faster

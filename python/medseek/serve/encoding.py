@@ -23,6 +23,7 @@ from dataclasses import replace
 import numpy as np
 
 from . import ingest as ing
+from . import item_records
 from . import regions as rp
 from .batcher import MicroBatcher, QueueFull
 from .errors import decoding
@@ -49,6 +50,8 @@ class Lane:
     def __init__(self, name: str, spec, batch, run_batch, on_batch) -> None:
         self.name = name
         self.max_queue = spec.max_queue if spec.max_queue is not None else batch.max_queue
+        self.max_queued_bytes = spec.max_queued_bytes
+        self.queued_bytes = 0  # uploads admitted and not yet decoded
         init = (functools.partial(_renice, spec.nice),)
         self.decode_pool = (None if name == "text" else
                             ThreadPoolExecutor(spec.decode_threads, f"medseek-decode-{name}",
@@ -65,25 +68,36 @@ class Lane:
         """Requests waiting in the lane (to be decoded, or to be encoded)."""
         return self.decode_waiting + self.batcher.depth
 
-    def admit(self) -> None:
+    def admit(self, nbytes: int = 0) -> None:
+        """Refuse one more request of ``nbytes`` upload bytes over the lane's budgets."""
         if self.depth >= self.max_queue:
             raise QueueFull(f"encode {self.name} lane queue is full ({self.max_queue} "
                             f"waiting); other lanes are not affected")
+        budget = self.max_queued_bytes
+        if budget is not None and self.queued_bytes and self.queued_bytes + nbytes > budget:
+            raise QueueFull(f"encode {self.name} lane holds {self.queued_bytes} upload bytes "
+                            f"waiting to be decoded; {nbytes} more exceeds EncodeLane."
+                            f"max_queued_bytes={budget}; other lanes are not affected")
 
-    async def decode(self, fn, *args):
-        """``fn(*args)`` on this lane's decode threads (on the loop for text)."""
+    async def decode(self, fn, *args, nbytes: int = 0):
+        """``fn(*args)`` on this lane's decode threads (on the loop for text); ``nbytes``:
+        the upload's size, counted against ``max_queued_bytes`` until it is decoded."""
         if self.decode_pool is None:
             return fn(*args)
-        self.admit()
+        self.admit(nbytes)
         self.decode_waiting += 1
+        self.queued_bytes += nbytes
         try:
-            await self._decode_slots.acquire()  # waiting here counts against max_queue
+            try:
+                await self._decode_slots.acquire()  # waiting here counts against max_queue
+            finally:
+                self.decode_waiting -= 1
+            try:
+                return await run_in(self.decode_pool, fn, *args)
+            finally:
+                self._decode_slots.release()
         finally:
-            self.decode_waiting -= 1
-        try:
-            return await run_in(self.decode_pool, fn, *args)
-        finally:
-            self._decode_slots.release()
+            self.queued_bytes -= nbytes
 
     async def encode(self, key, payload):
         try:
@@ -153,8 +167,10 @@ class Encoding:
     async def decode(self, kind: str, value, field: str) -> ing.Decoded:
         t0 = time.perf_counter()
         c = self.config
+        nbytes = len(value) if isinstance(value, (bytes, memoryview)) else 0
         dec = await self.lanes[LANE_OF[kind]].decode(
-            _decode_content, kind, value, field, c.preprocess, c.limits, c.deid, c.budget)
+            _decode_content, kind, value, field, c.preprocess, c.limits, c.deid, c.budget,
+            nbytes=nbytes)
         self.metrics.stage.labels("decode").observe(time.perf_counter() - t0)
         return dec
 
@@ -167,7 +183,7 @@ class Encoding:
         ``enc.chunks``) and each chunk's half-open z-range ``[z0, z1)`` in slices of the
         volume as uploaded."""
         enc = await self.encode("volume_chunks", field, dec.payload)
-        return enc, ing.source_z_ranges(enc.z_range, dec.z_scale, dec.source_depth,
+        return enc, item_records.source_z_ranges(enc.z_range, dec.z_scale, dec.source_depth,
                                         dec.payload.shape[0])
 
     def route(self, kind: str, collection: str, field: str) -> str:
@@ -253,6 +269,9 @@ def _nan(field: str) -> ing.InvalidField:
 
 
 def _decode_content(kind: str, value, field: str, *args) -> ing.Decoded:
-    """``ing.decode_content``; corrupt compressed content is ``field``'s fault."""
+    """``ing.decode_content``; corrupt compressed content is ``field``'s fault. An upload
+    split out of a large request (``serve.wire``) is copied here, on the lane's thread."""
+    if isinstance(value, memoryview):
+        value = value.tobytes()
     with decoding(field):
         return ing.decode_content(kind, value, field, *args)

@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from medseek.search.rerank import organ_embedding
 
 from . import ingest as ing
+from . import item_records
 from . import regions as rp
 from .auto_regions import AutoRegions
 from .encoding import LANE_OF, Encoding, run_in
@@ -136,7 +137,7 @@ class IngestService:
         dec = await self.encoding.decode(kind, getattr(item, kind), field)
         collection = item.collection or ing.DEFAULT_COLLECTION[kind]
         route = self.encoding.route(kind, collection, field)
-        record = ing.build_record(item, collection, dec, f"items[{i}]")
+        record = item_records.build_record(item, collection, dec, f"items[{i}]")
         names = [r.name for r in item.regions]
         for j, name in enumerate(names):
             if name in names[:j]:
@@ -154,8 +155,9 @@ class IngestService:
                 raise ing.InvalidField(rfield, "an image's regions need a name and a box "
                                                "(a z_range is for a volume's organs)")
             self.encoding.check_pathway(f"items[{i}].regions")
-            children.append(ing.region_record(record, region, self.config.search.region_collection,
-                                              rfield, automatic=automatic))
+            children.append(item_records.region_record(
+                record, region, self.config.search.region_collection, rfield,
+                automatic=automatic))
             if head:
                 inputs.append(ing.model_box(dec.pixels.shape, region.box, f"{rfield}.box",
                                             self.config.preprocess))
@@ -184,8 +186,8 @@ class IngestService:
         each organ the overlap-weighted mean of the chunks covering its z-range (what the
         pipeline's region rerank pools for a volume)."""
         field, search = f"items[{i}].volume", self.config.search
-        organs = [ing.organ_record(record, region, search.region_collection,
-                                   f"items[{i}].regions[{j}]", dec.source_depth)
+        organs = [item_records.organ_record(record, region, search.region_collection,
+                                            f"items[{i}].regions[{j}]", dec.source_depth)
                   for j, region in enumerate(item.regions)]
         if not self.encoding.chunked:
             if organs:
@@ -193,7 +195,7 @@ class IngestService:
                                        "embeddings, which this server's encoder does not give")
             return record, await self.encoding.encode("volume", field, dec.payload), []
         enc, z = await self.encoding.encode_chunked(dec, field)
-        children = [(ing.chunk_record(record, n, zr, search.chunk_collection, field), emb)
+        children = [(item_records.chunk_record(record, n, zr, search.chunk_collection, field), emb)
                     for n, (zr, emb) in enumerate(zip(z, enc.chunks))]
         for j, organ in enumerate(organs):
             vec = organ_embedding(enc.chunks, z, organ.z_range)

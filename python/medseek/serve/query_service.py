@@ -28,6 +28,7 @@ from medseek.search.query import check_k, check_kind
 from medseek.search.rerank import organ_embedding
 
 from . import ingest as ing
+from . import item_records
 from . import regions as rp
 from .auto_regions import AutoRegions, locate_query_region
 from .batcher import MicroBatcher
@@ -252,7 +253,7 @@ class QueryService:
         pass gives the volume and chunk embeddings; the organ pools the chunks covering
         its slices, weighted by overlap, as a volume ingest stores it."""
         z0, z1 = self._check_organ_region(region)
-        ing.check_z_end(z1, dec.source_depth, "region.z_range")
+        item_records.check_z_end(z1, dec.source_depth, "region.z_range")
         enc, z = await self.encoding.encode_chunked(dec, "volume")
         organ = organ_embedding(enc.chunks, z, (z0, z1))
         if organ is None:

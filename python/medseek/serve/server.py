@@ -27,6 +27,7 @@ from medseek.text.lexicon import FINDINGS
 from .auth import BearerTokenInterceptor
 from .config import ServeConfig
 from .errors import lenient
+from .wire import search_deserializer
 from .ingest import DEFAULT_COLLECTION
 from .metrics import ServerMetrics
 from .report_ranker import resolve_report_ranker
@@ -79,8 +80,11 @@ def add_retrieval(server: grpc.aio.Server, servicer) -> None:
         request = getattr(retrieval_pb2, method.input_type.name)
         response = getattr(retrieval_pb2, method.output_type.name)
         factory = factories[(method.client_streaming, method.server_streaming)]
+        # SearchRequest: large uploads are split out without a copy (serve.wire)
+        read = (search_deserializer(request) if request is retrieval_pb2.SearchRequest
+                else lenient(request))
         handlers[method.name] = factory(getattr(servicer, method.name),
-                                        request_deserializer=lenient(request),
+                                        request_deserializer=read,
                                         response_serializer=response.SerializeToString)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),))
