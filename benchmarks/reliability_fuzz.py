@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from medseek.serve.client import upload_chunks
 from medseek.serve.v1 import retrieval_pb2 as pb
 from medseek.serve.v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -101,6 +102,9 @@ class CaseFactory:
             "search-volume": ("Search", pb.SearchRequest(volume=vol, k=2).SerializeToString()),
             "search-item": ("Search", pb.SearchRequest(item_id="base-img", k=2)
                             .SerializeToString()),
+            # the head of a SearchUpload; its chunks follow it unmutated (``_raw``)
+            "upload-volume": ("SearchUpload", next(upload_chunks(
+                pb.SearchRequest(volume=vol, k=2))).SerializeToString()),
             "ingest-image": ("Ingest", pb.IngestItem(
                 id="raw-img", image=img, labels=["a"], regions=[pb.Region(name="c", box=box)])
                 .SerializeToString()),
@@ -202,13 +206,17 @@ class CaseFactory:
             case.mutation, data = seeds.mutate_bytes(rng, data, [d for _, d in
                                                                  self.proto_seeds.values()])
         if rng.random() < 0.2:
-            method = rng.choice(("Search", "SearchStream", "Ingest", "Get", "Delete", "Stats",
-                                 "Diagnose"))
+            method = rng.choice(("Search", "SearchStream", "SearchUpload", "Ingest", "Get",
+                                 "Delete", "Stats", "Diagnose"))
             case.mutation += f"->{method}"
         if method == "Search" and rng.random() < 0.3:
             method = "SearchStream"
         case.payload, case.target = data, f"raw.{method}"
         messages = [data] * rng.randint(1, 3)
+        if method == "SearchUpload":  # the (mutated) head, then the volume's chunks
+            vol = self.corpus["volume"]["nifti-synth"]
+            messages = [data] + [m.SerializeToString() for m in upload_chunks(
+                pb.SearchRequest(volume=vol), chunk_bytes=4096)][1:]
         case.call = lambda stub, md, t: raw_call(stub, method, messages, md, t)
         return case
 
@@ -339,7 +347,7 @@ def raw_call(stub: "RawStub", method: str, messages: list[bytes], md, timeout):
     """``messages`` (bytes) sent to ``method`` as they are; the response bytes."""
     ch = stub.channel
     path = SERVICE + method
-    if method == "Ingest":
+    if method in ("Ingest", "SearchUpload"):
         return ch.stream_unary(path)(iter(messages), timeout=timeout, metadata=md)
     if method == "SearchStream":
         return list(ch.stream_stream(path)(iter(messages), timeout=timeout, metadata=md))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from medseek.serve.client import RetrievalClient
+from medseek.serve.client import RetrievalClient, upload_chunks
 from medseek.serve.v1 import retrieval_pb2 as pb
 
 import reliability_seeds as seeds
@@ -220,6 +220,9 @@ def _rpcs(stub, png: bytes):
     return {
         "Search": lambda md: stub.Search(pb.SearchRequest(text="effusion", k=1), timeout=60,
                                          metadata=md),
+        "SearchUpload": lambda md: stub.SearchUpload(
+            upload_chunks(pb.SearchRequest(image=png, k=1), chunk_bytes=256), timeout=60,
+            metadata=md),
         "SearchStream": lambda md: list(stub.SearchStream(
             iter([pb.SearchRequest(text="effusion", k=1)]), timeout=60, metadata=md)),
         "Ingest": lambda md: stub.Ingest(iter([pb.IngestItem(id="auth-probe", image=png)]),
@@ -260,7 +263,8 @@ def auth_matrix(server: ServerProcess) -> dict:
         if before.last_seq != after.last_seq:
             failures.append(f"refused calls changed the store: last_seq {before.last_seq} -> "
                             f"{after.last_seq}")
-        for name in ("Stats", "Get", "Search", "SearchStream", "Diagnose", "Ingest", "Delete"):
+        for name in ("Stats", "Get", "Search", "SearchUpload", "SearchStream", "Diagnose",
+                     "Ingest", "Delete"):
             tried += 1
             try:
                 rpcs[name](good)

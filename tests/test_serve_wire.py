@@ -84,3 +84,81 @@ def test_truncated_messages_are_undecodable_as_protobuf_says(data):
     assert isinstance(got, Undecodable)
     with pytest.raises(Exception):
         pb.SearchRequest.FromString(data)
+
+
+# -- SearchUpload through a real server ----------------------------------------------------
+
+grpc = pytest.importorskip("grpc")  # the [server] extra
+
+
+def _volume(seed: int, shape=(96, 96, 48)) -> bytes:
+    """A NIfTI CT of ``shape`` float32 voxels (1.7 MiB at the default: over one chunk)."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    arr = rng.normal(40, 80, size=shape).astype(np.float32)
+    return nib.Nifti1Image(arr, affine=np.diag([2.0, 2.0, 2.0, 1.0])).to_bytes()
+
+
+@pytest.fixture(scope="module")
+def upload_server(tmp_path_factory):
+    from medseek.serve.client import RetrievalClient
+    from medseek.serve.config import ServeConfig
+    from medseek.serve.local_encoder import LocalTorchEncoder
+    from medseek.serve.server import ServerThread
+
+    d = tmp_path_factory.mktemp("upload")
+    cfg = ServeConfig(store_path=d / "store.db", index_dir=d / "index", port=0, grace_s=2.0,
+                      max_receive_message_bytes=8 * 2**20)
+    with ServerThread(cfg, LocalTorchEncoder(seed=0)) as s:
+        with RetrievalClient(f"127.0.0.1:{s.port}") as c:
+            c.ingest([pb.IngestItem(id=f"vol-{i}", volume=_volume(i, (48, 48, 24)))
+                      for i in range(6)])
+        yield s
+
+
+@pytest.fixture
+def upload_client(upload_server):
+    from medseek.serve.client import RetrievalClient
+
+    with RetrievalClient(f"127.0.0.1:{upload_server.port}") as c:
+        yield c
+
+
+def test_an_upload_search_answers_as_the_unary_search_does(upload_client):
+    from medseek.serve.client import UPLOAD_CHUNK_BYTES, upload_chunks
+
+    req = pb.SearchRequest(volume=_volume(7), k=4, request_id="q-7")
+    chunks = list(upload_chunks(req))
+    assert len(req.volume) > UPLOAD_CHUNK_BYTES and len(chunks) == 3  # head + 2 chunks
+    by_upload = upload_client.search(req, timeout=120)  # over one chunk: SearchUpload
+    unary = upload_client.stub.Search(req, timeout=120)
+    assert by_upload.request_id == "q-7" and len(by_upload.hits) == 4
+    assert [(h.item.id, h.score) for h in by_upload.hits] == \
+        [(h.item.id, h.score) for h in unary.hits]
+
+
+def _head(total: int, kind: str = "volume", content: bytes = b""):
+    return pb.UploadChunk(head=pb.UploadHead(request=pb.SearchRequest(**{kind: content}, k=2),
+                                             total_bytes=total))
+
+
+@pytest.mark.parametrize("chunks, code, message", [
+    ([], "INVALID_ARGUMENT", "empty stream"),
+    ([pb.UploadChunk(data=b"x")], "INVALID_ARGUMENT", "chunks[0]: the first message must be the head"),
+    ([_head(1, "text", "effusion")], "INVALID_ARGUMENT", "not 'text'"),
+    ([_head(3, content=b"abc")], "INVALID_ARGUMENT", "head.request.volume: must be empty"),
+    ([_head(9 * 2**20)], "RESOURCE_EXHAUSTED", "max_receive_message_bytes=8388608"),
+    ([_head(10), pb.UploadChunk(data=b"0123")], "INVALID_ARGUMENT", "4 bytes received, head.total_bytes says 10"),
+    ([_head(3), pb.UploadChunk(data=b"0123")], "INVALID_ARGUMENT", "chunks[1]: the chunks exceed"),
+    ([_head(3), _head(3)], "INVALID_ARGUMENT", "chunks[1]: only the first message is a head"),
+    ([_head(5), pb.UploadChunk(data=b"notct")], "INVALID_ARGUMENT", "volume"),  # the decoder's
+])
+def test_bad_upload_streams_are_refused_naming_what_is_wrong(upload_client, chunks, code, message):
+    with pytest.raises(grpc.RpcError) as err:
+        upload_client.stub.SearchUpload(iter(chunks), timeout=60)
+    assert err.value.code().name == code
+    assert message in err.value.details()
+    # the server goes on
+    ok = upload_client.search(pb.SearchRequest(item_id="vol-1", k=2), timeout=60)
+    assert ok.hits

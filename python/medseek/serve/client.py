@@ -9,6 +9,25 @@ import grpc
 from .v1 import retrieval_pb2 as pb
 from .v1 import retrieval_pb2_grpc as pb_grpc
 
+#: chunk size of a ``SearchUpload``, and the upload size over which ``search`` uses one
+UPLOAD_CHUNK_BYTES = 1 << 20
+
+
+def upload_chunks(request: pb.SearchRequest,
+                  chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> Iterator[pb.UploadChunk]:
+    """The ``SearchUpload`` messages of an image or volume search: the head, then the
+    upload in ``chunk_bytes`` pieces."""
+    kind = request.WhichOneof("query")
+    if kind not in ("image", "volume"):
+        raise ValueError(f"an upload search is an image or a volume search, not {kind!r}")
+    content = memoryview(getattr(request, kind))
+    head = pb.SearchRequest()
+    head.CopyFrom(request)
+    setattr(head, kind, b"")
+    yield pb.UploadChunk(head=pb.UploadHead(request=head, total_bytes=content.nbytes))
+    for i in range(0, content.nbytes, chunk_bytes):
+        yield pb.UploadChunk(data=content[i:i + chunk_bytes].tobytes())
+
 
 class IngestFailed(grpc.RpcError):
     """Items of an ``Ingest`` call failed; the others were committed.
@@ -86,6 +105,12 @@ class RetrievalClient:
         self.close()
 
     def search(self, request: pb.SearchRequest, timeout: float | None = 30.0) -> pb.SearchResponse:
+        """One search. An image or volume over ``UPLOAD_CHUNK_BYTES`` goes by
+        ``SearchUpload`` in chunks of that size (the proto says why); same answer."""
+        kind = request.WhichOneof("query")
+        if kind in ("image", "volume") and len(getattr(request, kind)) > UPLOAD_CHUNK_BYTES:
+            return self.stub.SearchUpload(upload_chunks(request), timeout=timeout,
+                                          metadata=self.metadata)
         return self.stub.Search(request, timeout=timeout, metadata=self.metadata)
 
     def search_stream(self, requests: Iterable[pb.SearchRequest],

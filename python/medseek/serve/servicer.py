@@ -34,6 +34,7 @@ from .query_service import DIAGNOSE_TEMPERATURE, QueryService, query_from_reques
 from .routed import input_geometry, volume_preprocessing
 from .v1 import retrieval_pb2 as pb
 from .v1 import retrieval_pb2_grpc as pb_grpc
+from .wire import read_upload
 
 log = logging.getLogger(__name__)
 __all__ = ["DIAGNOSE_TEMPERATURE", "RetrievalService"]
@@ -133,17 +134,25 @@ class RetrievalService(pb_grpc.RetrievalServicer):
 
     # -- reads ------------------------------------------------------------------------
     async def Search(self, request, context):
-        async def work():
-            req = decoded(request)
-            # authorised before any work; the origins are set after the audit line
-            caller = (self.queries.reident_caller(context.invocation_metadata())
-                      if req.reidentify else None)
-            resp = await self.queries.search(query_from_request(req))
-            if caller is not None:
-                await self.queries.reidentify(resp, caller, "Search")
-            return resp
+        return await self._guarded("Search", context,
+                                   lambda: self._search(decoded(request), context))
 
-        return await self._guarded("Search", context, work)
+    async def SearchUpload(self, request_iterator, context):
+        """``Search`` with its upload in chunks (``serve.wire.read_upload``)."""
+        async def work():
+            req = await read_upload(request_iterator, self.config.max_receive_message_bytes)
+            return await self._search(req, context)
+
+        return await self._guarded("SearchUpload", context, work)
+
+    async def _search(self, req, context) -> pb.SearchResponse:
+        # authorised before any work; the origins are set after the audit line
+        caller = (self.queries.reident_caller(context.invocation_metadata())
+                  if req.reidentify else None)
+        resp = await self.queries.search(query_from_request(req))
+        if caller is not None:
+            await self.queries.reidentify(resp, caller, "Search")
+        return resp
 
     async def SearchStream(self, request_iterator, context):
         """Answer each request of the stream as it is done (its ``request_id`` echoed).

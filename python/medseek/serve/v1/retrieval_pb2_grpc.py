@@ -39,6 +39,11 @@ class RetrievalStub:
                 request_serializer=medseek_dot_v1_dot_retrieval__pb2.SearchRequest.SerializeToString,
                 response_deserializer=medseek_dot_v1_dot_retrieval__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.SearchUpload = channel.stream_unary(
+                '/medseek.v1.Retrieval/SearchUpload',
+                request_serializer=medseek_dot_v1_dot_retrieval__pb2.UploadChunk.SerializeToString,
+                response_deserializer=medseek_dot_v1_dot_retrieval__pb2.SearchResponse.FromString,
+                _registered_method=True)
         self.SearchStream = channel.stream_stream(
                 '/medseek.v1.Retrieval/SearchStream',
                 request_serializer=medseek_dot_v1_dot_retrieval__pb2.SearchRequest.SerializeToString,
@@ -81,6 +86,17 @@ class RetrievalServicer:
 
     def Search(self, request, context):
         """One query, ranked hits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchUpload(self, request_iterator, context):
+        """The same search with its image or volume sent in chunks: the first message is the
+        head (the SearchRequest with that upload set to empty bytes, and the upload's size),
+        then the upload's bytes in order. The server copies each message it receives while it
+        holds the GIL, so one 21 MB message stalls every other request for tens of ms; 1 MiB
+        chunks cost about 1 ms each. RetrievalClient.search sends uploads over 1 MiB this way.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,6 +164,11 @@ def add_RetrievalServicer_to_server(servicer, server):
                     request_deserializer=medseek_dot_v1_dot_retrieval__pb2.SearchRequest.FromString,
                     response_serializer=medseek_dot_v1_dot_retrieval__pb2.SearchResponse.SerializeToString,
             ),
+            'SearchUpload': grpc.stream_unary_rpc_method_handler(
+                    servicer.SearchUpload,
+                    request_deserializer=medseek_dot_v1_dot_retrieval__pb2.UploadChunk.FromString,
+                    response_serializer=medseek_dot_v1_dot_retrieval__pb2.SearchResponse.SerializeToString,
+            ),
             'SearchStream': grpc.stream_stream_rpc_method_handler(
                     servicer.SearchStream,
                     request_deserializer=medseek_dot_v1_dot_retrieval__pb2.SearchRequest.FromString,
@@ -210,6 +231,33 @@ class Retrieval:
             target,
             '/medseek.v1.Retrieval/Search',
             medseek_dot_v1_dot_retrieval__pb2.SearchRequest.SerializeToString,
+            medseek_dot_v1_dot_retrieval__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchUpload(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/medseek.v1.Retrieval/SearchUpload',
+            medseek_dot_v1_dot_retrieval__pb2.UploadChunk.SerializeToString,
             medseek_dot_v1_dot_retrieval__pb2.SearchResponse.FromString,
             options,
             channel_credentials,
