@@ -206,6 +206,12 @@ def main(argv=None) -> int:
     p.add_argument("--light-interval", type=float, default=0.0,
                    help="overload: each light client sends one request per this many seconds "
                         "(0: back to back)")
+    p.add_argument("--overload-encoder", choices=("local", "onnx"), default="local",
+                   help="overload: the server's encoder, torch in process or the same towers "
+                        "in ONNX Runtime")
+    p.add_argument("--heavy-nice", type=int, default=0,
+                   help="overload: niceness of the heavy clients' process (they stand in for "
+                        "other machines)")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
     p.add_argument("--json", type=Path, help="write the summary here")
@@ -233,7 +239,9 @@ def main(argv=None) -> int:
         print(f"overload: {args.clients} clients", flush=True)
         summary["overload"] = overload(out / "overload", args.clients,
                                        duration_s=args.overload_seconds,
-                                       light_interval_s=args.light_interval)
+                                       light_interval_s=args.light_interval,
+                                       encoder=args.overload_encoder,
+                                       heavy_nice=args.heavy_nice)
         print(f"  {summary['overload']}", flush=True)
     summary["wall_s"] = time.monotonic() - t0
     _dump(summary, args.json)

@@ -7,6 +7,7 @@ ones in a second process (``_load_phase`` says why)."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 from collections import Counter
@@ -96,14 +97,16 @@ def _clients(address: str, kind: str, requests: list, n: int, pace: float, ramp_
 
 
 def _heavy_process(address: str, serialized: list[bytes], n: int, ramp_s: float,
-                   duration_s: float, out) -> None:
-    """The heavy clients, in a process of their own (``_load_phase``)."""
+                   duration_s: float, nice: int, out) -> None:
+    """The heavy clients, in a process of their own (``_load_phase``), at ``nice``."""
+    if nice:
+        os.nice(nice)
     requests = [pb.SearchRequest.FromString(b) for b in serialized]
     out.put(_clients(address, "heavy", requests, n, 0.0, ramp_s, duration_s))
 
 
 def _load_phase(address: str, heavy: list, n_heavy: int, n_light: int,
-                duration_s: float, light_interval_s: float = 0.0) -> dict:
+                duration_s: float, light_interval_s: float = 0.0, heavy_nice: int = 0) -> dict:
     """``n_heavy`` clients looping over ``heavy`` requests and ``n_light`` over text
     searches for ``duration_s`` (after a ramp-up); latencies of the OK answers, and every
     status code seen. With ``light_interval_s`` a light client sends one request per
@@ -112,14 +115,18 @@ def _load_phase(address: str, heavy: list, n_heavy: int, n_light: int,
     The heavy clients run in a process of their own, as they would on other machines:
     in one process, their threads building and copying 21 MB messages held this
     process's GIL while the light clients' answers waited to be read, and the light
-    latencies measured the load generator as much as the server."""
+    latencies measured the load generator as much as the server. ``heavy_nice`` lowers
+    that process's priority: on a machine of 2 cores, clients that stand in for other
+    machines otherwise take the server's cores (the light clients keep nice 0: their
+    latencies are what is measured)."""
     ramp = min(10.0, duration_s / 4)
     heavy_proc = None
     if n_heavy:
         ctx = multiprocessing.get_context("spawn")
         results = ctx.Queue()
         heavy_proc = ctx.Process(target=_heavy_process, daemon=True, args=(
-            address, [r.SerializeToString() for r in heavy], n_heavy, ramp, duration_s, results))
+            address, [r.SerializeToString() for r in heavy], n_heavy, ramp, duration_s,
+            heavy_nice, results))
         heavy_proc.start()
     lights = [_light(i) for i in range(len(QUERIES))]
     light_lat, codes = _clients(address, "light", lights, n_light, light_interval_s, ramp,
@@ -137,26 +144,46 @@ def _load_phase(address: str, heavy: list, n_heavy: int, n_light: int,
     return out
 
 
+def onnx_repository(out: Path) -> Path:
+    """The towers of ``medseek serve``'s default local encoder (``LocalTorchEncoder``: the
+    untrained seeded image and volume towers) exported to an ONNX model repository, so the
+    same models can be served by ONNX Runtime (``--encoder onnx``), as production serves
+    them: one GIL-free call per batch instead of an eager torch op per layer."""
+    from medseek.export.repository import write_repository
+    from medseek.serve.local_encoder import LocalTorchEncoder
+
+    enc = LocalTorchEncoder(seed=0)
+    write_repository([enc._image, enc._volume], out)
+    return out
+
+
 def overload(workdir: Path, clients: int = 64, heavy_fraction: float = 0.5,
              duration_s: float = 60.0, unloaded_n: int = 200, light_interval_s: float = 0.0,
-             log=print) -> dict:
+             encoder: str = "local", heavy_nice: int = 0, log=print) -> dict:
     """Light p99 alone, under ``clients`` clients (``heavy_fraction`` of them heavy), and
     under the same number of light clients without the heavy ones (a control that tells
     waiting behind heavy work from plain concurrency on this machine's cores). Light
-    clients send back to back, or one request per ``light_interval_s``."""
+    clients send back to back, or one request per ``light_interval_s``. ``encoder``: the
+    server's, ``local`` (torch in process) or ``onnx`` (the same towers in ONNX Runtime);
+    ``heavy_nice``: the heavy clients' process priority (``_load_phase``)."""
     # a 256 x 256 x 160 int16 CT at 1 mm (21 MB) and a 2048 x 2048 radiograph (4 MP)
     heavy = [pb.SearchRequest(volume=seeds.nifti_bytes((256, 256, 160), (1.0, 1.0, 1.0),
                                                        seed=9, dtype=np.int16), k=10),
              pb.SearchRequest(image=seeds.png_bytes(2048, 5), k=10, diversify=True)]
     n_heavy = int(round(clients * heavy_fraction))
-    with ServerProcess(Path(workdir), tokens=False, max_message_bytes=64 * 1024 * 1024) as s:
+    args = ()
+    if encoder == "onnx":
+        args = ("--encoder", "onnx", "--model-repo",
+                str(onnx_repository(Path(workdir) / "model_repository")))
+    with ServerProcess(Path(workdir), tokens=False, max_message_bytes=64 * 1024 * 1024,
+                       args=args) as s:
         _populate(s.address, reports=400, images=100, volumes=8)
         _timed_lights(s.address, 20)  # warm-up
         alone = np.array(_timed_lights(s.address, unloaded_n)) * 1e3
         log(f"  unloaded light p50 {np.percentile(alone, 50):.1f} ms, "
             f"p99 {np.percentile(alone, 99):.1f} ms")
         mixed = _load_phase(s.address, heavy, n_heavy, clients - n_heavy, duration_s,
-                            light_interval_s)
+                            light_interval_s, heavy_nice)
         log(f"  mixed: {mixed}")
         control = _load_phase(s.address, heavy, 0, clients - n_heavy, duration_s,
                               light_interval_s)
@@ -165,7 +192,7 @@ def overload(workdir: Path, clients: int = 64, heavy_fraction: float = 0.5,
     p99 = float(np.percentile(alone, 99))
     ratio = lambda phase: phase["light"]["p99_ms"] / p99 if "light" in phase else None  # noqa: E731
     return {"clients": clients, "heavy_clients": n_heavy, "duration_s": duration_s,
-            "light_interval_s": light_interval_s,
+            "light_interval_s": light_interval_s, "encoder": encoder, "heavy_nice": heavy_nice,
             "unloaded": {"n": len(alone), "p50_ms": float(np.percentile(alone, 50)),
                          "p99_ms": p99},
             "mixed": mixed, "light_only": control, "p99_ratio": ratio(mixed),

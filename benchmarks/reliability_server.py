@@ -34,11 +34,14 @@ class ServerProcess:
         The server's receive limit (oversize cases are cheap to build against a small one).
     extra : dict
         Further ServeConfig keys.
+    args : tuple of str
+        Further ``medseek serve`` arguments (e.g. ``--encoder onnx --model-repo DIR``).
     """
 
     def __init__(self, workdir: Path, tokens: bool = True, max_message_bytes: int = 8 * MIB,
-                 extra: dict | None = None) -> None:
+                 extra: dict | None = None, args: tuple[str, ...] = ()) -> None:
         self.workdir = Path(workdir)
+        self.args = tuple(args)
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "deid.key").write_bytes(DEID_KEY)
         cfg = {"store_path": "store.db", "index_dir": "index", "deid_key_file": "deid.key",
@@ -69,7 +72,7 @@ class ServerProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "medseek.serve", "serve",
                  "--config", str(self.workdir / "serve.json"), "--port", "0",
-                 "--port-file", str(port_file)],
+                 "--port-file", str(port_file), *self.args],
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
                 env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         finally:

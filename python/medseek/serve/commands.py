@@ -51,6 +51,10 @@ def register(subparsers) -> None:
                    help="local: in-process torch towers (untrained vision; tests, CPU demos); "
                         "onnx: ONNX Runtime on --model-repo; triton: Triton at --triton-url")
     p.add_argument("--model-repo", type=Path, help="exported model repository (onnx)")
+    p.add_argument("--onnx-threads", type=int, default=1,
+                   help="ONNX Runtime threads per session (onnx; 0: one per core). 1 runs each "
+                        "batch on its encode lane's own thread, at that lane's priority; the "
+                        "lanes' workers give the parallelism")
     p.add_argument("--triton-url", help="host:port of Triton's gRPC endpoint (images)")
     p.add_argument("--spec", type=Path, help="spec.json of the model served at --triton-url")
     p.add_argument("--volume-triton-url", help="Triton serving the volume model, if separate")
@@ -349,7 +353,16 @@ def encoder_from_args(args):
 
         if args.model_repo is None:
             raise SystemExit("medseek serve: --encoder onnx needs --model-repo")
-        return OnnxRuntimeEncoder(args.model_repo)
+        from medseek.encoders.onnxrt import OnnxRuntimeConfig
+
+        repo, cfg = Path(args.model_repo), OnnxRuntimeConfig(intra_op_threads=args.onnx_threads)
+        if not all((repo / name).is_dir() for name in ("image_encoder", "volume_encoder")):
+            return OnnxRuntimeEncoder(repo, cfg=cfg)
+        # a repository of an image and a volume model (export.write_repository): both
+        # served, texts by the image model's text tower as write_repository exported it
+        images = OnnxRuntimeEncoder(repo, "image", cfg=cfg)
+        return RoutedEncoder(images=images, volumes=OnnxRuntimeEncoder(repo, "volume", cfg=cfg),
+                             texts=images)
     from medseek.encoders import EncoderSpec, TritonEncoder, TritonEncoderConfig
     from medseek.encoders.triton_client import spec_model_prefix
 
