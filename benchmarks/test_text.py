@@ -117,3 +117,38 @@ def test_minilm_encode(benchmark, texts, impl, minilm_rates, minilm_runs):
         ratio = minilm_rates["medseek"] / minilm_rates["sentence_transformers"]
         line += f" (medseek / sentence-transformers = {ratio:.2f}x)"
     print(line)
+
+
+QUERY_TEXTS = ("right pleural effusion", "enlarged heart", "no acute cardiopulmonary disease",
+               "bibasilar atelectasis", "pneumothorax on the left", "pulmonary edema",
+               "nodule in the right upper lobe", "the lungs are clear")
+QUERY_REPEAT = 40
+
+
+@pytest.fixture(scope="module")
+def query_encoders(tmp_path_factory):
+    """The report ranker's MiniLM as the server runs it (ONNX Runtime, one thread) and its
+    torch reference (eager, one thread)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    from medseek.encoders.minilm_onnx import OnnxTextEncoder
+    from medseek.models.text_tower import TextEncoder
+
+    torch.set_num_threads(1)
+    return TextEncoder(), OnnxTextEncoder(threads=1, cache_dir=tmp_path_factory.mktemp("onnx"))
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_minilm_queries_onnx(benchmark, query_encoders, batch):
+    """Short query texts, ``batch`` at a time (a light query's micro-batch), QUERY_REPEAT
+    times: ONNX Runtime against eager torch (``ratio``: torch CPU time / ONNX Runtime's)."""
+    torch_enc, onnx_enc = query_encoders
+    texts = list(QUERY_TEXTS[:batch])
+    out = paired(benchmark, lambda: [onnx_enc.encode(texts) for _ in range(QUERY_REPEAT)],
+                 lambda: [torch_enc.encode(texts) for _ in range(QUERY_REPEAT)],
+                 "torch TextEncoder, eager, 1 thread", rounds=5)
+    assert out[0].shape == (batch, 384)
+    per_text = benchmark.stats.stats.min / (QUERY_REPEAT * batch) * 1e3
+    benchmark.extra_info["ms_per_text"] = per_text
+    print(f"\nminilm queries, batch {batch}: ONNX Runtime {per_text:.2f} ms/text, "
+          f"{benchmark.extra_info.get('ratio', float('nan')):.2f}x torch (CPU time)")

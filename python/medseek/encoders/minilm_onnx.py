@@ -2,7 +2,8 @@
 
 :class:`~medseek.models.text_tower.TextEncoder` (torch, eager) is the reference: same
 tokeniser, same weights, same mean pooling and unit rows. This one runs the whole network
-in one ONNX Runtime call, which is 3-4x cheaper for a query's few short texts, and which
+in one ONNX Runtime call, which costs about half the CPU time for one short query text
+(``benchmarks/test_text.py -k queries_onnx``: 2.3x at batch 1, 1.4x at batch 8), and which
 releases the GIL for the whole forward pass: in a server, a light text query no longer
 re-acquires the GIL a few hundred times (once per torch op) while other threads hold it
 copying or decoding a heavy upload.

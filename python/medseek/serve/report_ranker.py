@@ -17,8 +17,8 @@ its report collection that way, and not only the demo.
   the sentence embedding. The network runs in ONNX Runtime
   (:class:`~medseek.encoders.minilm_onnx.OnnxTextEncoder`, traced once from the torch
   :class:`~medseek.models.text_tower.TextEncoder` and cached; torch where onnxruntime is
-  not installed): one call per batch, 3-4x cheaper than eager torch for a query's short
-  text, and the GIL is released for all of it, so light text queries are not held up
+  not installed): one call per batch, about half the CPU time of eager torch for a short
+  query text, and the GIL is released for all of it, so light text queries are not held up
   by threads decoding heavy uploads. The weights are loaded on the first report text, so
   a server that never sees one does not pay for them.
 - ``"joint"``: the report collection holds the dual encoder's text embeddings (the
