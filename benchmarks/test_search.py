@@ -23,7 +23,10 @@ Each round runs, one after the other (interleaved, so machine load hits both ali
   untimed request per client (so the micro-batching has settled);
 * ``+region``, ``+diversify``, ``+region+diversify`` at 32 clients: the two-stage region
   rerank (``region.name``) and MMR diversification, separately and together, against
-  ``faiss b=32`` at K' = 200.
+  ``faiss b=32`` at K' = 200;
+* ``stream 4x8``: the same plain searches as ``grpc c=32``, 32 in flight too, but on 4
+  ``SearchStream`` calls with 8 requests in flight on each (pipelined on one call, answered
+  as they finish): what a client at scale saves of gRPC's per-call cost.
 
 Reported per row (median over rounds): qps, p50 and p99 latency (over every request of
 every round), p99/p50, the throughput ratio to raw FAISS at the same batch size and K,
@@ -308,6 +311,34 @@ async def grpc_round(stubs, ids: list[int], clients: int, per_client: int, regio
     return lat, time.perf_counter() - t0
 
 
+async def stream_round(stubs, ids: list[int], inflight: int, per_stream: int,
+                       offset: int) -> tuple[list[float], float]:
+    """One ``SearchStream`` per stub, each keeping ``inflight`` plain searches (k = K) in
+    flight until ``per_stream`` are answered; latencies from send to answer."""
+    from medseek.serve.v1 import retrieval_pb2 as pb
+
+    lat: list[float] = []
+
+    async def one(si: int) -> None:
+        slots, sent = asyncio.Semaphore(inflight), {}
+
+        async def requests():
+            for j in range(per_stream):
+                await slots.acquire()
+                i = ids[(offset + si * per_stream + j) % len(ids)]
+                sent[f"{si}-{j}"] = time.perf_counter()
+                yield pb.SearchRequest(item_id=image_id(i), k=K, request_id=f"{si}-{j}")
+
+        async for resp in stubs[si].SearchStream(requests(), timeout=600):
+            lat.append(time.perf_counter() - sent.pop(resp.request_id))
+            assert not resp.HasField("error") and len(resp.hits) == K, resp.error
+            slots.release()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(si) for si in range(len(stubs))))
+    return lat, time.perf_counter() - t0
+
+
 def raw_round(index, queries: np.ndarray, batch: int, n_batches: int, k: int,
               offset: int) -> tuple[list[float], float, float]:
     lat = []
@@ -382,6 +413,15 @@ def run_benchmark(size: str, overrides: dict | None = None) -> dict:
                             "faiss b=32 K'" if region or diversify else "faiss b=32")
                     add(name, lat, wall, clients * per, cpu, mean_b, load, base)
                     rows[name]["ratio"].append(rows[name]["qps"][-1] / rows[base]["qps"][-1])
+                streams, inflight, per = 4, 8, 8 * work["per_client"]
+                await stream_round(stubs[:streams], ids, inflight, inflight, off + 500)
+                b0, c0 = server.batches(), server.cpu_s()
+                lat, wall = await stream_round(stubs[:streams], ids, inflight, per, off)
+                cpu, b1 = server.cpu_s() - c0, server.batches()
+                name = f"stream {streams}x{inflight}"
+                add(name, lat, wall, streams * per, cpu,
+                    (b1[0] - b0[0]) / max(1.0, b1[1] - b0[1]), load, "faiss b=32")
+                rows[name]["ratio"].append(rows[name]["qps"][-1] / rows["faiss b=32"]["qps"][-1])
             for c in chans:
                 await c.close()
 

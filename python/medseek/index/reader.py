@@ -11,10 +11,18 @@ drops it.
 
 Each thread that reads gets its own read-only connection (opened on its first read), so
 the server's search threads read concurrently; SQLite releases the GIL while it steps.
+
+Building an ``ItemRecord`` from its row (JSON labels, validation) costs more than reading
+the row, so ``candidate_items`` keeps the records it built in a bounded LRU keyed by
+``(row_key, seq)``. That key needs no invalidation: every write of an item's columns
+gives it a new ``seq`` in the same transaction (``Store.upsert``), a row key is never
+reused, and a deleted row is simply not read again, so a cached record is the row as it
+was at that seq, for good.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import sqlite3
 import threading
@@ -25,12 +33,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import sql
-from .records import StoredItem, str_list
+from .records import ITEM_FIELDS, ItemRecord, StoredItem, record_from_row, str_list
 
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["Candidates", "ChildRow", "StoreReader"]
+__all__ = ["Candidates", "ChildRow", "RecordCache", "StoreReader"]
+
+#: records kept by a reader's ``RecordCache`` (a few MB)
+RECORD_CACHE_SIZE = 8192
+#: columns of ``candidate_items``' one read: the record, then row_key, seq, vector
+_CANDIDATE_ITEM_SQL = (f"SELECT {', '.join('i.' + c for c in ITEM_FIELDS)}, i.row_key, i.seq, "
+                       "e.vector FROM items i JOIN embeddings e ON e.row_key = i.row_key "
+                       "AND e.model = ? WHERE i.row_key IN (SELECT value FROM json_each(?))")
+_N_FIELDS = len(ITEM_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,48 @@ class ChildRow:
     embedding: np.ndarray | None = field(repr=False)
 
 
+class RecordCache:
+    """A bounded, thread-safe LRU of ``ItemRecord`` by ``(row_key, seq)`` (module
+    docstring: why that key never goes stale).
+
+    Parameters
+    ----------
+    maxsize : int
+        Records kept; the least recently used go first. 0 keeps none.
+    """
+
+    def __init__(self, maxsize: int = RECORD_CACHE_SIZE) -> None:
+        if maxsize < 0:
+            raise ValueError(f"maxsize must be >= 0, got {maxsize}")
+        self.maxsize = maxsize
+        self.hits = self.misses = 0
+        self._records: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get_many(self, keys: list[tuple[int, int]]) -> list[ItemRecord | None]:
+        """The cached record of each key (None where there is none)."""
+        with self._lock:
+            got = [self._records.get(k) for k in keys]
+            for k, rec in zip(keys, got):
+                if rec is not None:
+                    self._records.move_to_end(k)
+            n_hit = sum(rec is not None for rec in got)
+            self.hits += n_hit
+            self.misses += len(keys) - n_hit
+        return got
+
+    def put_many(self, items: list[tuple[tuple[int, int], ItemRecord]]) -> None:
+        if not self.maxsize:
+            return
+        with self._lock:
+            self._records.update(items)
+            while len(self._records) > self.maxsize:
+                self._records.popitem(last=False)
+
+
 def _check_keys(row_keys: object) -> np.ndarray:
     keys = np.asarray(row_keys)
     if keys.dtype.kind not in "iu" or keys.ndim != 1:
@@ -82,10 +140,13 @@ class StoreReader:
     ----------
     store : Store
         Its ``config.path`` is opened read-only; its ``config.model`` picks the embeddings.
+    record_cache : int
+        Size of the ``RecordCache`` of ``candidate_items`` (0: none).
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, record_cache: int = RECORD_CACHE_SIZE) -> None:
         self.model = store.config.model
+        self.records = RecordCache(record_cache)
         self._uri = f"{store.config.path.resolve().as_uri()}?mode=ro"
         self._timeout = store.config.busy_timeout_s
         self._local = threading.local()
@@ -158,6 +219,19 @@ class StoreReader:
                             (json.dumps(ids),), with_embeddings)
         return {it.record.id: it for it in found}
 
+    def vectors_by_ids(self, ids: Sequence[str]) -> dict[str, tuple[str, np.ndarray]]:
+        """Each stored item's collection and embedding of the store's model, by client id;
+        unknown ids and items without such an embedding are absent (no full records:
+        what an ``item_id`` query needs of its item, read for a whole micro-batch)."""
+        ids = str_list("ids", ids) or []
+        rows = self._execute(
+            "SELECT i.item_id, i.collection, e.vector FROM items i JOIN embeddings e "
+            "ON e.row_key = i.row_key AND e.model = ? "
+            "WHERE i.item_id IN (SELECT value FROM json_each(?))",
+            (self.model, json.dumps(ids)))
+        return {item_id: (coll, np.frombuffer(blob, dtype="<f4").astype(np.float32))
+                for item_id, coll, blob in rows}
+
     def candidates(self, row_keys: np.ndarray) -> Candidates:
         """What ranking needs of ANN candidates, without building full records.
 
@@ -192,6 +266,46 @@ class StoreReader:
             provenance={"patient": list(cols[3]), "study": list(cols[4]),
                         "document": list(cols[5])},
             embeddings=embs.astype(np.float32).reshape(len(found), d))
+
+    def candidate_items(self, row_keys: np.ndarray) -> tuple[Candidates, dict[int, ItemRecord]]:
+        """``candidates`` and the same rows' records, in ONE read.
+
+        For a batch whose every candidate will be a hit (K' = k: the plain search), whose
+        records are wanted anyway: one statement instead of the candidates' read and then
+        the hits' read. Records come from ``self.records`` when the row's seq is the one
+        cached (module docstring).
+
+        Returns
+        -------
+        (Candidates, dict of int to ItemRecord)
+            The candidates as ``candidates`` gives them, and each one's record by row key.
+        """
+        keys = _check_keys(row_keys)
+        rows = self._execute(_CANDIDATE_ITEM_SQL, (self.model, json.dumps(keys.tolist())))
+        by_key = {r[_N_FIELDS]: r for r in rows}
+        found = [(pos, by_key[k]) for pos, k in enumerate(keys.tolist()) if k in by_key]
+        dims = {len(r[-1]) for _, r in found}
+        if len(dims) > 1:
+            raise ValueError(f"row_keys mix embeddings of several dims {sorted(dims)}")
+        d = dims.pop() // 4 if dims else 0
+        cache_keys = [(r[_N_FIELDS], r[_N_FIELDS + 1]) for _, r in found]
+        recs = self.records.get_many(cache_keys)
+        new = []
+        for j, (_, row) in enumerate(found):
+            if recs[j] is None:
+                recs[j] = record_from_row(row[:_N_FIELDS])
+                new.append((cache_keys[j], recs[j]))
+        self.records.put_many(new)
+        embs = np.frombuffer(b"".join(r[-1] for _, r in found), dtype="<f4")
+        cands = Candidates(
+            row_keys=np.array([k for k, _ in cache_keys], dtype=np.int64),
+            positions=np.array([pos for pos, _ in found], dtype=np.int64),
+            ids=[r.id for r in recs], collections=[r.collection for r in recs],
+            provenance={"patient": [r.patient_pseudonym for r in recs],
+                        "study": [r.study_pseudonym for r in recs],
+                        "document": [r.source_document for r in recs]},
+            embeddings=embs.astype(np.float32).reshape(len(found), d))
+        return cands, {k: rec for (k, _), rec in zip(cache_keys, recs)}
 
     def children(
         self, parent_ids: Sequence[str], collection: str, region: str | None = None

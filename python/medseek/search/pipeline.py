@@ -31,10 +31,15 @@ Stages hand each other named records (stages.py). A batch of queries runs in two
 which a server may put on different threads:
 ``ann`` (filter + ANN, once for the batch, under the index's lock) and ``finish`` (the
 rest, with ONE store read per batch for the candidates, one for their region children and
-one for the hits' records). ``search`` is ``ann`` then ``finish``.
+one for the hits' records; when every candidate is a hit (K' = k, the plain search) the
+candidates' read brings their records too, so a plain batch reads the store once). The
+explanations of all hits of a batch are scored together (one concept scoring of the
+queries, one of the hits), so their cost follows the hits explained. ``search`` is
+``ann`` then ``finish``.
 
-Per-stage wall times (seconds) come back in ``SearchResult.timings``; the filter, ANN and
-store-read stages of a batch run once, and each result reports the batch's time for them.
+Per-stage wall times (seconds) come back in ``SearchResult.timings``; the filter, ANN,
+store-read and explain stages of a batch run once, and each result reports the batch's
+time for them.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ import numpy as np
 
 from .diversify import calibrate_dup_threshold, pairwise_cosine_quantile
 from .diversify import diversify as diversify_candidates
-from .explain import ConceptBank, explain as explain_hits
+from .explain import ConceptBank, explain_pairs
 from .query import QueryOptions, RegionQuery, SearchConfig, SearchFilters
 from .rerank import mix_region_scores, region_similarity
 from .stages import (AnnBatch, Hit, QueryCandidates, Ranking, RegionStage, SearchResult,
@@ -187,10 +192,15 @@ class SearchPipeline:
             raise ValueError(f"region.embedding must have one row per query ({n_q}), "
                              f"got shape {region.embedding.shape}")
         timings = [dict.fromkeys(STAGES, 0.0) for _ in range(n_q)]
-        # fetch: one read for the candidates of every query
+        # fetch: one read for the candidates of every query; with K' <= k every live
+        # candidate is a hit, so the same read brings the records the hits need
         t = time.perf_counter()
         valid = batch.keys >= 0
-        cands = self.reader.candidates(np.unique(batch.keys[valid]))  # sorted by row key
+        records = None
+        if opts.k_prime <= opts.k:
+            cands, records = self.reader.candidate_items(np.unique(batch.keys[valid]))
+        else:
+            cands = self.reader.candidates(np.unique(batch.keys[valid]))  # sorted by row key
         # an index scoring from compressed codes (IVF-PQ, Milvus PQ/SQ) is re-scored exactly
         # from the store's vectors, which the candidates carry anyway
         rescore = not getattr(self.catalog.index(collection), "scores_exact", True)
@@ -215,17 +225,20 @@ class SearchPipeline:
         t = time.perf_counter()
         dup = self.dup_threshold(collection) if opts.diversify else None  # cached: cheap
         shared_diversify = time.perf_counter() - t
-        bank = self.collection_concepts.get(collection, self.concepts)
         ranked = [None if per_query[qi] is None else
-                  self._rank(per_query[qi], queries[qi], opts, stages[qi], dup, bank, timings[qi])
+                  self._rank(per_query[qi], opts, stages[qi], dup, timings[qi])
                   for qi in range(n_q)]
-        # the hits' full records: one read for the batch
         t = time.perf_counter()
-        wanted = [c.row_keys[r.picks] for c, r in zip(per_query, ranked) if r is not None]
-        keys = np.concatenate(wanted) if wanted else np.empty(0, np.int64)
-        found = self.reader.items(np.unique(keys))
-        records = {it.row_key: it for it in found if it is not None}
-        shared_fetch += time.perf_counter() - t
+        bank = self.collection_concepts.get(collection, self.concepts)
+        explanations = self._explain(per_query, ranked, queries, opts, bank)
+        shared_explain = time.perf_counter() - t
+        if records is None:  # the hits' full records: one read for the batch
+            t = time.perf_counter()
+            wanted = [c.row_keys[r.picks] for c, r in zip(per_query, ranked) if r is not None]
+            keys = np.concatenate(wanted) if wanted else np.empty(0, np.int64)
+            found = self.reader.items(np.unique(keys))
+            records = {it.row_key: it.record for it in found if it is not None}
+            shared_fetch += time.perf_counter() - t
         results = []
         for qi in range(n_q):
             tm = timings[qi]
@@ -233,14 +246,36 @@ class SearchPipeline:
             tm["fetch"] += shared_fetch
             tm["rerank"] += shared_rerank if region is not None else 0.0
             tm["diversify"] += shared_diversify
+            tm["explain"] = shared_explain
             tm["total"] = batch.timings["filter"] + batch.timings["ann"] + (
                 time.perf_counter() - t_start)
             if per_query[qi] is None:  # no live candidate: every valid key was stale
                 results.append(SearchResult([], tm, 0, stale=int(valid[qi].sum()),
                                             dup_threshold=dup))
                 continue
-            results.append(_hits(per_query[qi], ranked[qi], region, records, tm, dup))
+            results.append(_hits(per_query[qi], ranked[qi], explanations[qi], region, records,
+                                 tm, dup))
         return results
+
+    def _explain(self, per_query: list[QueryCandidates | None], ranked: list[Ranking | None],
+                 queries: np.ndarray, opts: QueryOptions, bank: ConceptBank | None) -> list:
+        """Per query, the explanation of each of its hits (None each without ``opts.explain``
+        or a bank): every hit of the batch is scored in one ``bank.scores`` call and
+        explained in one ``explain_pairs`` call, each against its own query's scores."""
+        out: list = [None if r is None else [None] * r.picks.size for r in ranked]
+        owners = [qi for qi, r in enumerate(ranked) if r is not None and r.picks.size]
+        if not opts.explain or bank is None or not owners:
+            return out
+        counts = [ranked[qi].picks.size for qi in owners]
+        hit_scores = bank.scores(np.concatenate(
+            [per_query[qi].embeddings[ranked[qi].picks] for qi in owners]))  # (H, C)
+        query_scores = np.repeat(bank.scores(queries[owners]), counts, axis=0)  # (H, C)
+        pairs = explain_pairs(query_scores, hit_scores, bank.names, self.config.explain_top)
+        start = 0
+        for qi, n in zip(owners, counts):
+            out[qi] = pairs[start:start + n]
+            start += n
+        return out
 
     def dup_threshold(self, collection: str) -> float | None:
         """The near-duplicate threshold diversification applies in ``collection``.
@@ -279,10 +314,9 @@ class SearchPipeline:
         return pairwise_cosine_quantile(self.reader.candidates(keys).embeddings, quantile)
 
     # -- one query, after the ANN stage ----------------------------------------------------
-    def _rank(self, c: QueryCandidates, query: np.ndarray, opts: QueryOptions,
-              region: RegionStage | None, dup_threshold: float | None,
-              bank: ConceptBank | None, timings: dict[str, float]) -> Ranking:
-        """Rerank, diversify, explain one query's candidates (``opts`` resolved)."""
+    def _rank(self, c: QueryCandidates, opts: QueryOptions, region: RegionStage | None,
+              dup_threshold: float | None, timings: dict[str, float]) -> Ranking:
+        """Rerank and diversify one query's candidates (``opts`` resolved)."""
         cfg, n = self.config, len(c.ids)
         t = time.perf_counter()
         ranked = c.global_scores
@@ -315,15 +349,7 @@ class SearchPipeline:
         else:
             picks = order[:k]
         timings["diversify"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        explanations: list = [None] * picks.size
-        if opts.explain and bank is not None and picks.size:
-            explanations = explain_hits(bank.scores(query), bank.scores(c.embeddings[picks]),
-                                        bank.names, cfg.explain_top)
-        timings["explain"] = time.perf_counter() - t
-        return Ranking(picks, ranked, region_sims, region_ids, relaxed, explanations, skipped,
-                       shortfall)
+        return Ranking(picks, ranked, region_sims, region_ids, relaxed, skipped, shortfall)
 
 
 def _query_candidates(cands: Candidates, collection: str, keys: np.ndarray,
@@ -357,13 +383,14 @@ def _query_candidates(cands: Candidates, collection: str, keys: np.ndarray,
         global_scores=global_scores, stale=stale)
 
 
-def _hits(c: QueryCandidates, r: Ranking, region: RegionQuery | None, records: dict,
-          timings: dict[str, float], dup_threshold: float | None) -> SearchResult:
-    """The ``SearchResult`` of one ranked query, with the hits' full records."""
+def _hits(c: QueryCandidates, r: Ranking, explanations: list, region: RegionQuery | None,
+          records: dict, timings: dict[str, float], dup_threshold: float | None) -> SearchResult:
+    """The ``SearchResult`` of one ranked query, with the hits' records (``records``: by
+    row key) and their ``explanations`` (one per pick)."""
     hits, stale = [], c.stale
     for n, i in enumerate(r.picks):
-        stored = records.get(int(c.row_keys[i]))
-        if stored is None:  # deleted between the two reads
+        record = records.get(int(c.row_keys[i]))
+        if record is None:  # deleted between the two reads
             stale += 1
             continue
         has_region = not np.isnan(r.region_sims[i])
@@ -371,9 +398,9 @@ def _hits(c: QueryCandidates, r: Ranking, region: RegionQuery | None, records: d
             id=c.ids[i], row_key=int(c.row_keys[i]), score=float(r.scores[i]),
             global_score=float(c.global_scores[i]),
             region_score=float(r.region_sims[i]) if has_region else None,
-            record=stored.record,
+            record=record,
             matched_region=region.name if region is not None and has_region else None,
-            region_id=r.region_ids[i], explanation=r.explanations[n],
+            region_id=r.region_ids[i], explanation=explanations[n],
             relaxed=bool(r.relaxed[n])))
     return SearchResult(hits, timings, len(c.ids), r.skipped, stale, dup_threshold,
                         r.shortfall)

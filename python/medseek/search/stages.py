@@ -1,9 +1,10 @@
 """What the pipeline's stages hand each other, and what a search returns.
 
 ``AnnBatch`` (filter + ANN of a batch) -> ``QueryCandidates`` (one query's live
-candidates, read from the store) -> ``Ranking`` (rerank, diversify, explain of that
-query) -> ``SearchResult`` of ``Hit``. ``RegionStage`` is what the region rerank of one
-query needs: its region embedding and the batch's region and chunk children.
+candidates, read from the store) -> ``Ranking`` (rerank and diversify of that query; the
+batch's hits are explained together) -> ``SearchResult`` of ``Hit``. ``RegionStage`` is
+what the region rerank of one query needs: its region embedding and the batch's region
+and chunk children.
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ class RegionStage:
 
 @dataclass(frozen=True)
 class Ranking:
-    """Rerank, diversify and explain of one query's ``QueryCandidates``.
+    """Rerank and diversify of one query's ``QueryCandidates`` (the pipeline explains the
+    picks of a whole batch together).
 
     Attributes
     ----------
@@ -207,7 +209,6 @@ class Ranking:
         Id of each candidate's best-matching region child.
     relaxed : np.ndarray, bool, shape (h,)
         Hits admitted only after the provenance caps were lifted.
-    explanations : list of (tuple of ConceptMatch or None), length h
     skipped : list of (id, reason)
     shortfall : int
         Missing hits the near-duplicates account for (``SearchResult``).
@@ -218,7 +219,6 @@ class Ranking:
     region_sims: np.ndarray = field(repr=False)
     region_ids: list[str | None] = field(repr=False)
     relaxed: np.ndarray = field(repr=False)
-    explanations: list = field(repr=False)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     shortfall: int = 0
 

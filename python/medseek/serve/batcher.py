@@ -9,7 +9,13 @@ its output to ``finish(key, payloads, output) -> results`` on another pool (e.g.
 reads and ranking, on reader threads), and the worker forms the next batch as soon as
 ``run_batch`` returns; at most ``max_finishing`` batches are between the two. Without it,
 up to ``max_running`` batches run at once (one per thread of the executor, e.g. an encode
-lane's workers); the next batch is formed when one ends. A request whose
+lane's workers); the next batch is formed when one ends. A batch smaller than the
+company it expects (the largest of the recent batches, or the requests of its key queued
+plus those in flight, i.e. taken into a batch and not yet answered: under a steady load
+those callers send again once answered) waits for it up to ``BatchConfig.linger`` times
+the last ``run_batch`` time; on callers in flight, only until ``RETURN_GRACE_S`` after
+they are all answered. The worker is woken only when a request can end its wait (a
+full batch, the expected company), not once per request. A request whose
 caller went away (its deadline passed, the client cancelled) is dropped before the batch
 runs, so expired work costs nothing. More than ``max_queue`` waiting requests make
 ``submit`` raise ``QueueFull`` at once: the servicer answers RESOURCE_EXHAUSTED instead of
@@ -29,6 +35,10 @@ from typing import Any
 from .config import BatchConfig
 
 log = logging.getLogger(__name__)
+
+#: how long a batch waiting for answered callers to send again still waits for them (a
+#: closed-loop client sends within a few ms; an open-loop one never does)
+RETURN_GRACE_S = 0.005
 
 
 def _guarded(fn, *args):
@@ -94,9 +104,15 @@ class MicroBatcher:
         self._running = asyncio.Semaphore(max_running) if max_running > 1 else None
         self._finish_tasks: set[asyncio.Task] = set()
         self._pending: collections.deque = collections.deque()
+        self._counts: collections.Counter = collections.Counter()  # pending per key
         self._recent: collections.deque = collections.deque(maxlen=8)  # last batch sizes
         self._last_run_s = 0.0  # how long the last run_batch took
-        self._wake = asyncio.Event()
+        self._in_flight = 0  # requests taken into a batch and not yet answered
+        self._answered_at = 0.0  # loop time of the last answer
+        # the worker's wait: resolved by the submit that brings ``_need`` = (key, count)
+        # requests of that key (any submit when ``_need`` is None), by its timer, or close
+        self._waiter: asyncio.Future | None = None
+        self._need: tuple[Hashable, int] | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
 
@@ -118,13 +134,34 @@ class MicroBatcher:
             raise QueueFull(f"{self.name} queue is full ({self.config.max_queue} waiting)")
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((key, payload, fut))
-        self._wake.set()
+        self._counts[key] += 1
+        # wake the worker only when this request can end its wait (one wake per batch,
+        # not one per request while a batch gathers)
+        need = self._need
+        if need is None or (key == need[0] and self._counts[key] >= need[1]):
+            self._wake()
         return await fut
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self, need: tuple[Hashable, int] | None, until: float | None) -> None:
+        """Until ``need`` (see ``_waiter``) is met, loop time ``until`` passes, or close."""
+        loop = asyncio.get_running_loop()
+        self._waiter, self._need = loop.create_future(), need
+        timer = None if until is None else loop.call_at(until, self._wake)
+        try:
+            await self._waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._waiter = self._need = None
 
     async def close(self) -> None:
         """Finish what is queued, then stop the worker."""
         self._closed = True
-        self._wake.set()
+        self._wake()
         if self._task is not None:
             await self._task
             self._task = None
@@ -132,41 +169,49 @@ class MicroBatcher:
             await asyncio.gather(*self._finish_tasks)
 
     async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             while not self._pending:
                 if self._closed:
                     return
-                self._wake.clear()
-                await self._wake.wait()
+                await self._wait(None, None)
             if self.finish is not None:  # a finishing slot first: the batch grows meanwhile
                 await self._finishing.acquire()
             elif self._running is not None:  # likewise a running slot
                 await self._running.acquire()
             key = self._pending[0][0]
-            now = time.monotonic()
+            now = loop.time()
             deadline = now + self.config.max_wait_ms / 1000.0
             # a batch smaller than the recent ones may wait longer: its company is likely
             # on the way (e.g. the callers of the batch that has just been answered)
             linger = max(deadline, now + self.config.linger * self._last_run_s)
-            expected = max(self._recent, default=1)
+            most = self.config.max_batch
+            # company expected: as many as the recent batches held, or as are queued for
+            # this key and in flight now (callers that may well send again once answered)
+            recent = max(self._recent, default=1)
+            expected = min(max(recent, self._counts[key] + self._in_flight), most)
+            # waiting on callers in flight: once all are answered, only RETURN_GRACE_S more
+            # (an open-loop caller does not send again; a slow index must not hold it)
+            on_in_flight = expected > recent
             while not self._closed:
-                n = sum(1 for k, _, _ in self._pending if k == key)
+                n = self._counts[key]
                 until = deadline if n >= expected else linger
-                if n >= self.config.max_batch or time.monotonic() >= until:
+                if on_in_flight and not self._in_flight and n < expected:
+                    until = min(until, max(deadline, self._answered_at + RETURN_GRACE_S))
+                if n >= most or loop.time() >= until:
                     break
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), until - time.monotonic())
-                except asyncio.TimeoutError:
-                    break
+                await self._wait((key, most if n >= expected else expected), until)
             batch, rest = [], collections.deque()
             while self._pending:
                 item = self._pending.popleft()
-                if item[0] == key and len(batch) < self.config.max_batch:
+                if item[0] == key and len(batch) < most:
                     batch.append(item)
                 else:
                     rest.append(item)
             self._pending.extendleft(reversed(rest))
+            self._counts[key] -= len(batch)
+            if not self._counts[key]:
+                del self._counts[key]
             live = [(p, f) for _, p, f in batch if not f.done()]  # cancelled: caller gone
             if live and self._running is not None:
                 task = asyncio.get_running_loop().create_task(self._run_in_slot(key, live))
@@ -190,6 +235,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         payloads = [p for p, _ in live]  # with finish: holds a slot, released once finished
         self._recent.append(len(live))
+        self._in_flight += len(live)
         try:
             output = await loop.run_in_executor(self.executor, _guarded, self.run_batch, key,
                                                 payloads)
@@ -218,6 +264,10 @@ class MicroBatcher:
         self._deliver(live, results, t0)
 
     def _deliver(self, live: list, results: Sequence[Any], t0: float) -> None:
+        self._in_flight -= len(live)
+        self._answered_at = asyncio.get_running_loop().time()
+        if not self._in_flight and self._need is not None:
+            self._wake()  # a wait on callers in flight now ends RETURN_GRACE_S from here
         n = len(results) if hasattr(results, "__len__") else None
         if n != len(live):
             results = [RuntimeError(f"{self.name} batch returned {n} results for "

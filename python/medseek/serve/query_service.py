@@ -6,7 +6,10 @@ and the embedding is searched with the query's ``QueryOptions`` by the micro-bat
 pipeline: the ANN of a micro-batch on the index thread, the rest (store reads, rerank,
 diversify, explain) on a search thread while the next micro-batch's ANN runs. Requests
 with equal collection, options and region name share a micro-batch; nothing is cached per
-option. z-ranges are half-open ``[z_start, z_end)`` (``medseek.search.query``).
+option. An ``item_id`` query goes to the batcher as its id: the batch step reads the
+stored embeddings of all its item ids at once (``search_steps``), so a stored-item query
+costs no thread hop of its own, and the search thread builds each response message.
+z-ranges are half-open ``[z_start, z_end)`` (``medseek.search.query``).
 In clinical mode a Search asking ``reidentify`` is authorised (``reident_caller``) before
 any work, and its hits get their PACS origin after an audit line is written
 (``reidentify``; ``medseek.serve.reident``).
@@ -21,8 +24,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from medseek.search import (Box, InvalidQuery, QueryOptions, RegionQuery, RegionSpec,
-                            SearchFilters, SearchQuery)
+from medseek.search import Box, QueryOptions, RegionSpec, SearchFilters, SearchQuery
 from medseek.search.diagnose import diagnose, vote_weights
 from medseek.search.query import check_k, check_kind
 from medseek.search.rerank import organ_embedding
@@ -37,6 +39,7 @@ from .auth import caller_name
 from .contrastive_service import contrastive_diagnosis
 from .errors import FailedPrecondition, NotFound, PermissionDenied
 from .messages import item_message
+from .search_steps import BatchQuery, SearchSteps
 from .reident import viewer_url
 from .v1 import retrieval_pb2 as pb
 
@@ -44,7 +47,7 @@ from .v1 import retrieval_pb2 as pb
 DIAGNOSE_TEMPERATURE = 0.1
 _FILTERS = ("modality", "body_part", "view", "labels_any", "exclude_patients",
             "exclude_studies")
-
+_NO_FILTERS = SearchFilters()
 
 def query_from_request(request) -> SearchQuery:
     """The typed query of a ``SearchRequest`` (or a ``DiagnoseRequest``'s query fields).
@@ -56,11 +59,14 @@ def query_from_request(request) -> SearchQuery:
     kind = request.WhichOneof("query")
     check_kind(kind)
     check_k(request.k or None)
-    f = request.filters
+    filters = _NO_FILTERS  # most queries have none: no message walk, no new object
+    if request.HasField("filters"):
+        f = request.filters
+        filters = SearchFilters(**{n: tuple(getattr(f, n)) or None for n in _FILTERS})
     options = QueryOptions(
         k=request.k or None, diversify=request.diversify,
         mmr_lambda=request.mmr_lambda if request.HasField("mmr_lambda") else None,
-        filters=SearchFilters(**{n: tuple(getattr(f, n)) or None for n in _FILTERS}))
+        filters=filters)
     region = None
     if request.HasField("region"):
         r = request.region
@@ -95,31 +101,28 @@ class QueryService:
         self.catalog, self.pipeline, self.metrics = catalog, pipeline, metrics
         self.index_pool = index_pool
         self.auto_regions = AutoRegions() if getattr(config, "auto_regions", False) else None
-        self._seen_seq = 0  # workers > 1: the store seq this worker's index has caught up to
-        self.reader = store.reader()  # stored-item queries, on the search threads
+        self.steps = SearchSteps(config, store, catalog, pipeline, metrics)
         # after the ANN: store reads, rerank, diversify, explain (own SQLite connections)
         self.search_pool = ThreadPoolExecutor(config.search_threads,
                                               thread_name_prefix="medseek-search")
         self.batcher = MicroBatcher(
-            "search", self._search_batch, config.search_batch, index_pool,
-            metrics.on_batch, finish=self._search_finish, finish_executor=self.search_pool,
+            "search", self.steps.run_batch, config.search_batch, index_pool,
+            metrics.on_batch, finish=self.steps.finish, finish_executor=self.search_pool,
             max_finishing=config.search_threads + 1)
 
     async def close(self) -> None:
         await self.batcher.close()
         self.search_pool.shutdown(wait=True)
-        self.reader.close()
+        self.steps.close()
 
     # -- Search ---------------------------------------------------------------------------
     async def search(self, query: SearchQuery) -> pb.SearchResponse:
         k = query.options.k or self.config.search.k
         kind, region = query.kind, query.region
-        collection, region_emb, exclude = query.collection, None, None
-        if kind == "item_id":
-            vec, stored_coll, region_emb = await run_in(
-                self.search_pool, self._stored_query, query.content,
-                region.name if region else "")
-            collection, exclude = collection or stored_coll, query.content
+        collection, item_id = query.collection, None
+        if kind == "item_id":  # its embedding is read in the batch step (SearchSteps)
+            vec = region_emb = None
+            item_id = query.content
         else:
             if region is not None and kind == "volume":
                 self._check_organ_region(region)  # before the work of decoding
@@ -138,16 +141,17 @@ class QueryService:
                 vec, region_emb = await self._image_region_query(dec, region.box)
             else:
                 vec = await self.encoding.encode(route, kind, dec.payload)
-        if collection not in self.store.config.collections:
+                region_emb = None
+        if collection is not None and collection not in self.store.config.collections:
             raise ing.InvalidField("collection", f"must be one of "
                                    f"{self.store.config.collections}, got {collection!r}")
-        wanted = k + (exclude is not None)  # the item itself is dropped from its own hits
+        wanted = k + (item_id is not None)  # the item itself is dropped from its own hits
         # without rerank or diversification the top k are final: fetching K' is wasted work
         k_prime = None if region is not None or query.options.diversify else wanted
         options = replace(query.options, k=wanted, k_prime=k_prime)
         key = (collection, options, region.name if region else None)
-        result = await self.batcher.submit(key, (vec, region_emb))
-        return self._response(result, k, exclude, query.request_id)
+        return await self.batcher.submit(key, BatchQuery(
+            vec, region_emb, item_id, k, item_id, query.request_id))
 
     async def search_embedding(self, vec: np.ndarray, collection: str, options: QueryOptions,
                                exclude: str | None, request_id: str) -> pb.SearchResponse:
@@ -156,37 +160,15 @@ class QueryService:
         k = options.k or self.config.search.k
         wanted = k + (exclude is not None)
         options = replace(options, k=wanted, k_prime=wanted, diversify=False)
-        result = await self.batcher.submit((collection, options, None), (vec, None))
-        return self._response(result, k, exclude, request_id)
+        return await self.batcher.submit((collection, options, None), BatchQuery(
+            vec, None, None, k, exclude, request_id))
 
     def stored_embedding(self, item_id: str) -> tuple[np.ndarray, str]:
         """A stored item's embedding and collection (NOT_FOUND when it has none)."""
-        vec, collection, _ = self._stored_query(item_id, "")
-        return vec, collection
-
-    def _response(self, result, k: int, exclude: str | None,
-                  request_id: str) -> pb.SearchResponse:
-        hits = [h for h in result.hits if h.id != exclude][:k] if result is not None else []
-        resp = pb.SearchResponse(request_id=request_id,
-                                 candidates=result.candidates if result is not None else 0)
-        if result is not None and result.dup_threshold is not None:
-            resp.dup_threshold = result.dup_threshold
-            resp.near_duplicate_shortfall = result.near_duplicate_shortfall
-            resp.notice = result.notice or ""
-        for h in hits:
-            hit = resp.hits.add(id=h.id, score=h.score, global_score=h.global_score,
-                                matched_region=h.matched_region or "",
-                                region_id=h.region_id or "")
-            if h.region_score is not None:
-                hit.region_score = h.region_score
-            hit.item.CopyFrom(item_message(h.record))
-            for c in h.explanation or ():
-                hit.concepts.add(name=c.concept, query_score=c.query_score,
-                                 hit_score=c.hit_score, contribution=c.contribution)
-        for stage, seconds in (result.timings.items() if result is not None else ()):
-            resp.timings_ms[stage] = seconds * 1e3
-            self.metrics.stage.labels(stage).observe(seconds)
-        return resp
+        got = self.steps.stored_queries([item_id], None)[0]
+        if isinstance(got, Exception):
+            raise got
+        return got[0], got[1]
 
     # -- clinical re-identification -------------------------------------------------------
     def reident_caller(self, metadata) -> str:
@@ -260,68 +242,6 @@ class QueryService:
             raise ing.InvalidField("region.z_range", "the chunks covering it have no usable "
                                                      "embedding")
         return enc.volume, organ
-
-    def _stored_query(self, item_id: str, region_name: str):
-        """On a search thread (its own read-only connection: no wait on the index thread):
-        a stored item's embedding, collection and region embedding of ``region_name``."""
-        got = self.reader.by_ids([item_id], with_embeddings=True).get(item_id)
-        if got is None or got.embedding is None:
-            raise NotFound(f"item_id: no stored item {item_id!r}")
-        region_emb = None
-        if region_name:
-            rows = self.reader.children(
-                [item_id], self.config.search.region_collection, region_name).get(item_id, ())
-            usable = [r.embedding for r in rows if r.embedding is not None]
-            if not usable:
-                raise ing.InvalidField("region.name", f"item {item_id!r} has no region "
-                                                      f"{region_name!r}")
-            region_emb = usable[0]
-        return got.embedding, got.record.collection, region_emb
-
-    def _search_batch(self, key, payloads: list):
-        """On the index thread: filter + ANN of a micro-batch; ``_search_finish`` does the
-        rest on a search thread while the next micro-batch's ANN runs."""
-        collection, options, _ = key
-        if self.config.workers > 1:
-            self._catch_up()
-        try:
-            self.catalog.index(collection)
-        except ValueError:
-            return None  # nothing stored in this collection yet
-        queries = np.stack([q for q, _ in payloads]).astype(np.float32)
-        try:
-            return self.pipeline.ann(collection, queries, options=options)
-        except InvalidQuery:
-            raise
-        except ValueError as exc:
-            raise ing.InvalidField("query", str(exc)) from None
-
-    def _catch_up(self) -> None:
-        """On the index thread, one of several workers: apply what other workers wrote to
-        the store since this worker's index last looked (one ``last_seq`` read when
-        nothing changed), so a write acknowledged anywhere is found by this search."""
-        last = self.store.last_seq()
-        if last > self._seen_seq:
-            self.catalog.sync()  # new collections are built, the others caught up
-            self._seen_seq = last
-
-    def _search_finish(self, key, payloads: list, batch) -> list:
-        """On a search thread: store reads, rerank, diversify, explain of a micro-batch.
-
-        The index only holds rows whose store write was committed (the catalog syncs
-        after each commit, on the index thread), and the candidates and hits are read from
-        the last committed state, so a row deleted before these reads is dropped (counted
-        as stale), never returned."""
-        if batch is None:
-            return [None] * len(payloads)
-        region_name = key[2]
-        region = None
-        if region_name is not None:
-            region = RegionQuery(region_name, np.stack([r for _, r in payloads]))
-        try:
-            return self.pipeline.finish(batch, region)
-        except ValueError as exc:
-            raise ing.InvalidField("query", str(exc)) from None
 
     # -- Diagnose -------------------------------------------------------------------------
     async def diagnose(self, request) -> pb.DiagnoseResponse:

@@ -14,7 +14,7 @@ What they share, and how:
   process.
 * **the index**: each worker holds its own copy, loaded from ``index_dir`` at start-up
   and caught up from the store's changelog before every search batch (one ``last_seq``
-  read when nothing changed; ``QueryService._catch_up``). A write acknowledged by one
+  read when nothing changed; ``SearchSteps.catch_up``). A write acknowledged by one
   worker is therefore seen by the next search of every worker. The alternative, one
   memory-mapped index file shared read-only, saves memory (N copies of a flat 1M x 256
   index is N GB) but FAISS can map only some kinds (IVF lists, not HNSW graphs or the
