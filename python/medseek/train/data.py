@@ -105,7 +105,8 @@ class PairDataset:
         labels = np.zeros(len(self.label_names), dtype=np.float32)
         labels[[col[lab] for lab in rec.labels]] = 1.0
         item = {"report": rec.report, "labels": labels, "id": rec.id,
-                "findings": item_findings(rec.report, rec.labels)}
+                "findings": item_findings(rec.report, rec.labels),
+                "sentences": report_sentences(rec.report)}
         if self.model_cfg.modality == "image":
             item.update(self._image(rec))
         else:
@@ -201,16 +202,54 @@ def item_findings(report: str, labels: tuple[str, ...] = ()) -> np.ndarray:
     """The finding-loss targets of an item: what its report asserts
     (:func:`report_finding_vector`), plus its curated labels that name a lexicon finding
     (IU's MeSH labels were assigned by people reading the same report, and catch what
-    the extraction misses); ``normal`` only when neither names a finding."""
+    the extraction misses); ``normal`` only when neither names a finding.
+
+    A corpus label names its finding under the corpus's own name ("catheter", "spine
+    degenerative", "surgical clips"), which is not always the lexicon's ("indwelling
+    catheter", ...): :func:`medseek.text.phenotypes.finding_for_label` maps it (the
+    lexicon's alias table for ``medseek.data.mesh``'s names). Matching names only would
+    give those labels no target at all."""
     from medseek.text.concepts import concept_names
+    from medseek.text.phenotypes import finding_for_label
 
     row = report_finding_vector(report).copy()
     index = {n: j for j, n in enumerate(concept_names())}
-    named = [index[lab] for lab in labels if lab in index and lab != "normal"]
+    named = [index[f] for f in map(finding_for_label, labels) if f is not None]
     if named:
         row[named] = 1.0
         row[index["normal"]] = 0.0
     return row
+
+
+@functools.lru_cache(maxsize=65536)
+def report_sentences(report: str) -> tuple[str, ...]:
+    """The sentences of a report (:func:`medseek.text.sections.split_sentences`), the
+    texts of the ``sentence_finding`` loss term. Cached like the finding vectors."""
+    from medseek.text.sections import split_sentences
+
+    return tuple(split_sentences(report))
+
+
+@functools.lru_cache(maxsize=65536)
+def sentence_finding_vector(sentence: str) -> np.ndarray:
+    """The ``sentence_finding`` targets of one sentence: the findings it asserts
+    (negation-aware, as :func:`report_finding_vector`), with the ``normal`` axis always
+    0. One sentence cannot say a study is normal ("No pleural effusion." leaves the
+    heart unspoken for), so a negated or finding-free sentence is a target of all
+    zeros; :func:`medseek.train.losses.sentence_finding_loss` leaves ``normal`` out."""
+    from medseek.text.concepts import NORMAL_AXIS, concept_names
+
+    row = report_finding_vector(sentence).copy()
+    row[concept_names().index(NORMAL_AXIS)] = 0.0
+    row.setflags(write=False)
+    return row
+
+
+def batch_sentences(items: list[dict]) -> list[str]:
+    """The distinct report sentences of a batch, in order of first appearance: boiler-
+    plate ("The lungs are clear.") repeats in most reports and would otherwise dominate
+    the sentence term by count."""
+    return list(dict.fromkeys(s for it in items for s in it.get("sentences", ())))
 
 
 def collate(items: list[dict], tokenizer, text_ids: dict) -> dict:
@@ -220,6 +259,11 @@ def collate(items: list[dict], tokenizer, text_ids: dict) -> dict:
              "labels": torch.from_numpy(np.stack([it["labels"] for it in items])),
              "findings": torch.from_numpy(np.stack([it["findings"] for it in items])),
              "ids": [it["id"] for it in items]}
+    if "sentences" in items[0]:  # the sentence_finding term's texts and targets
+        sentences = batch_sentences(items)
+        batch["sentence_texts"] = sentences
+        batch["sentence_input_ids"], batch["sentence_attention_mask"] = tokenize(tokenizer, sentences)
+        batch["sentence_findings"] = _stack_findings([sentence_finding_vector(t) for t in sentences])
     if "pairing" in items[0]:  # medseek.train.unpaired: PAIRED / IMAGE_ONLY / REPORT_ONLY per row
         batch["pairing"] = torch.tensor([it["pairing"] for it in items], dtype=torch.long)
     if "image" in items[0]:
@@ -259,8 +303,13 @@ def collate(items: list[dict], tokenizer, text_ids: dict) -> dict:
 def _sentence_findings(texts: list[str]) -> torch.Tensor:
     """``(M, F)`` findings each region/organ sentence asserts (the ``region_finding``
     loss targets), ``F = len(concept_names())``."""
+    return _stack_findings([report_finding_vector(t) for t in texts])
+
+
+def _stack_findings(rows: list[np.ndarray]) -> torch.Tensor:
+    """``(M, F)`` float32 of finding rows; ``(0, F)`` for none."""
     from medseek.text.concepts import concept_names
 
-    if not texts:
+    if not rows:
         return torch.zeros((0, len(concept_names())), dtype=torch.float32)
-    return torch.from_numpy(np.stack([report_finding_vector(t) for t in texts]))
+    return torch.from_numpy(np.stack(rows))

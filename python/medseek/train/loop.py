@@ -171,6 +171,19 @@ class Trainer:
         self.compute = {"wall_s": 0.0, "cpu_s": 0.0}
         self._cache: dict[int, dict] = {}
         self.online = isinstance(train, OnlineSubset) and train.cfg.rescore_every > 0
+        if self.text_cache is not None and cfg.loss.w_sentence_finding > 0:
+            self._cache_sentences()
+
+    def _cache_sentences(self) -> None:
+        """Embed every report sentence of the training set in one batched pass, so no
+        step (and not the first, whose FLOPs stand for all steps) pays for the tower."""
+        from .data import report_sentences
+
+        records = getattr(self.train, "records", None)
+        if records is None:  # a pool wrapper: its full dataset
+            records = getattr(getattr(self.train, "pool", None), "records", ())
+        sentences = {s for r in records for s in report_sentences(r.report or "")}
+        self.text_cache.features(self.model, sorted(sentences))
 
     # ------------------------------------------------------------------ state
 
@@ -236,7 +249,8 @@ class Trainer:
             if cfg.augment_shift > 0 and "images" in batch:
                 shift_images(batch, cfg.augment_shift, cfg.seed * 1_000_003 + self.position)
             if self.text_cache is not None:
-                batch.update(cached_text_features(self.model, items, self.text_cache))
+                sentences = batch.get("sentence_texts") if cfg.loss.w_sentence_finding > 0 else None
+                batch.update(cached_text_features(self.model, items, self.text_cache, sentences))
             batch = self._to_device(batch)
             with amp:
                 emb = encode_batch(self.model, batch, cfg.loss)
@@ -358,11 +372,15 @@ class Trainer:
             log.flush()
 
 
-def cached_text_features(model, items: list[dict], cache: TextFeatureCache) -> dict:
+def cached_text_features(model, items: list[dict], cache: TextFeatureCache,
+                         sentences: list[str] | None = None) -> dict:
     """Batch entries ``text_features`` (reports), ``region_text_features`` (captions)
     and ``organ_text_features`` (organ sentences) from a frozen tower's cache, in the
-    order :func:`~medseek.train.data.collate` tokenises those texts."""
+    order :func:`~medseek.train.data.collate` tokenises those texts; with ``sentences``
+    (the batch's ``sentence_texts``) also ``sentence_text_features``."""
     out = {"text_features": cache.features(model, [it["report"] for it in items])}
+    if sentences is not None:
+        out["sentence_text_features"] = cache.features(model, sentences)
     if "captions" in items[0]:
         out["region_text_features"] = cache.features(model, [c for it in items for c in it["captions"] if c])
     if "organs" in items[0]:

@@ -29,6 +29,13 @@ Terms (each weighted by :class:`LossConfig`; a weight of 0 skips the term entire
   enters densely: contrastive pairs only say "this report, not the rest of the batch",
   while every image now also learns which of the lexicon's 46 findings (or "normal")
   its item asserts.
+* ``sentence_finding``: the finding head on the embedding of each distinct sentence of
+  the batch's reports (text side only), against the findings that sentence asserts
+  (:func:`medseek.train.data.sentence_finding_vector`: negation-aware, so "No pleural
+  effusion." is a target of all zeros). Report-level targets teach the text head what
+  whole reports say; zero-shot prompts are single sentences, often negated, which
+  reports rarely are on their own. The ``normal`` axis is left out: a sentence cannot
+  say a study is normal.
 * ``pheno``: PhenoLIP's teacher-guided distillation of an ontology-derived phenotype
   space (:mod:`medseek.train.pheno`, formula there).
 * ``gap``: the modality-gap-closing term. The modality-gap seed ("the modality gap is
@@ -82,6 +89,9 @@ class LossConfig:
     # LGDEA with unpaired data (medseek.train.unpaired): the finding BCE on the image side
     # of image-only rows and the text side of report-only rows of a batch with "pairing"
     w_finding_unpaired: float = 0.0
+    # the finding BCE on each distinct report sentence's text embedding against that
+    # sentence's own (negation-aware) findings, normal axis excluded (sentence_finding_loss)
+    w_sentence_finding: float = 0.0
 
     def __post_init__(self) -> None:
         if self.contrastive not in CONTRASTIVE:
@@ -89,7 +99,7 @@ class LossConfig:
         if self.soft_labels and self.contrastive != "clip":
             raise ValueError("soft_labels needs contrastive='clip' (the sigmoid loss has no soft targets)")
         for name in ("w_global", "w_region", "w_organ", "w_gap", "gap_uniformity", "w_finding",
-                     "w_region_finding", "w_pheno", "w_finding_unpaired"):
+                     "w_region_finding", "w_pheno", "w_finding_unpaired", "w_sentence_finding"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
@@ -165,6 +175,20 @@ def finding_loss(model, vis: torch.Tensor, txt: torch.Tensor, findings: torch.Te
     return 0.5 * (bce(model.finding_logits(vis), target) + bce(model.finding_logits(txt), target))
 
 
+def sentence_finding_loss(model, txt: torch.Tensor, findings: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of ``model.finding_logits`` on sentence embeddings ``(M, D)`` against
+    their findings ``(M, F)`` 0/1, over every axis but ``normal`` (module doc)."""
+    from medseek.text.concepts import NORMAL_AXIS, concept_names
+
+    names = concept_names()
+    if findings.shape[-1] != len(names):
+        raise ValueError(f"sentence findings must have {len(names)} columns (concept_names()), "
+                         f"got {tuple(findings.shape)}")
+    keep = [j for j, n in enumerate(names) if n != NORMAL_AXIS]
+    logits = model.finding_logits(txt)[:, keep]
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, findings[:, keep].to(logits.dtype))
+
+
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -191,6 +215,8 @@ def encode_batch(model, batch: dict, cfg: LossConfig) -> dict[str, torch.Tensor]
     """
     out: dict[str, torch.Tensor] = {}
     out["text"] = _encode_text(model, batch, "")
+    if getattr(cfg, "w_sentence_finding", 0.0) > 0 and "sentence_findings" in batch:
+        out["sentence_text"] = _encode_text(model, batch, "sentence_")  # (M, D)
     if model.modality == "image":
         if cfg.w_region > 0:
             glob, regions = model.encode_image_and_regions(batch["images"], batch["boxes"])
@@ -264,13 +290,18 @@ def combine_losses(model, emb: dict[str, torch.Tensor], batch: dict, cfg: LossCo
         if key in emb and emb[key].shape[0] > 0:
             parts["region_finding"] = finding_loss(model, gather(emb[key]), gather(emb[f"{key}_text"]),
                                                    gather(batch[f"{key}_findings"]))
+    if cfg.w_sentence_finding > 0 and "sentence_text" in emb:
+        sent = gather(emb["sentence_text"])
+        if sent.shape[0] > 0:
+            parts["sentence_finding"] = sentence_finding_loss(model, sent, gather(batch["sentence_findings"]))
     if cfg.w_pheno > 0 and has_pairs:
         from .pheno import pheno_loss
 
         parts["pheno"] = pheno_loss(model, vis, txt, findings)
     weights = {"global": cfg.w_global, "region": cfg.w_region, "organ": cfg.w_organ,
                "gap": cfg.w_gap, "finding": cfg.w_finding, "region_finding": cfg.w_region_finding,
-               "pheno": cfg.w_pheno, "finding_unpaired": cfg.w_finding_unpaired}
+               "pheno": cfg.w_pheno, "finding_unpaired": cfg.w_finding_unpaired,
+               "sentence_finding": cfg.w_sentence_finding}
     if not parts:
         raise ValueError("no loss term is active: every weight is 0 or its inputs are missing")
     total = sum(weights[k] * v for k, v in parts.items())
