@@ -14,7 +14,8 @@ Anything unusual (a group, a repeated or second query field, a field that does n
 parse) falls back to protobuf's own parse, so the answer is the same as before.
 
 That still leaves gRPC's own copy of a large message, made while it holds the GIL (about
-25 ms for 21 MB here). The ``SearchUpload`` RPC avoids it: the upload comes in chunks
+30 ms of stalled event loop per 21 MB message here: ``benchmarks/grpc_large_messages.py``).
+The ``SearchUpload`` RPC avoids most of it: the upload comes in chunks
 (:func:`read_upload` puts them together; ``RetrievalClient.search`` sends uploads over
 ``client.UPLOAD_CHUNK_BYTES`` that way).
 """
