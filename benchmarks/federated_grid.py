@@ -3,8 +3,10 @@
     nice -n 19 python benchmarks/federated_grid.py --data /tmp/rel-cxr5k/corpus --out /tmp/fedgrid \
         [--clients 4 --rounds 3 --local-steps 10] [--only fedavg-iid,centralized]
 
-FedAvg and FedProx on IID and Dirichlet(0.2) partitions (real Flower server and client
-processes on 127.0.0.1), and the centralized recipe trained for the same total number of
+FedAvg, FedProx and FedNova on IID, Dirichlet(0.2), Dirichlet(0.8) and site (patient-id
+hash) partitions, and FedAvg-IID with two one-modality clients (``fedavg-iid-missing``:
+client 2 radiographs only, client 3 reports only), all on real Flower server and client
+processes on 127.0.0.1; and the centralized recipe trained for the same total number of
 optimizer steps (clients × rounds × local steps) with :func:`medseek.train.ablation.run_variant`.
 Every run is evaluated on the patient-disjoint test split with
 :func:`medseek.train.ablation.evaluate_split`; rows go to ``OUT/<name>.json``.
@@ -52,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = grid_recipe(out, warmup=max(1, args.rounds * args.local_steps // 10))
-    runs = {f"{s}-{p}": (s, p) for p in ("iid", "dir0.2") for s in ("fedavg", "fedprox")}
+    runs = {f"{s}-{p}": (s, p) for p in ("iid", "dir0.2", "dir0.8", "site")
+            for s in ("fedavg", "fedprox", "fednova")}
+    # missing modality: client 2 holds radiographs only, client 3 reports only
+    runs["fedavg-iid-missing"] = ("fedavg", "iid")
     names = [*runs, "centralized", "untrained"]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
@@ -72,10 +77,13 @@ def main(argv: list[str] | None = None) -> int:
                    "bytes_per_round": 0}
         else:
             strategy, part = runs[name]
+            missing = ({"2": "image", "3": "report"} if name.endswith("-missing")
+                       and args.clients >= 4 else {})
             fc = load_federated_config({
                 "recipe": recipe, "data": args.data, "out": str(out / name), "clients": args.clients,
                 "rounds": args.rounds, "local_steps": args.local_steps, "strategy": strategy, "mu": args.mu,
-                "partition": "dirichlet" if part.startswith("dir") else "iid", "alpha": 0.2})
+                "partition": "dirichlet" if part.startswith("dir") else part,
+                "alpha": float(part[3:]) if part.startswith("dir") else 0.2, "missing": missing})
             summary = run_federated(fc, nice=19)
             row = {"name": name, "steps": total, "bytes_per_round": summary["bytes_per_round"],
                    "rounds": summary["rounds"], "test": evaluate_federated(fc, n_boot=args.n_boot)}

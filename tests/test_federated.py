@@ -148,6 +148,11 @@ def test_real_flower_server_and_two_clients_change_the_global_weights(cxr_dir, t
     _, final = fed.load_global(fc)
     before, after = fed.get_weights(init, names), fed.get_weights(final, names)
     assert any(not np.allclose(a, b) for a, b in zip(before, after))
+    # each round's global model is kept (rounds-to-target curves); the last is the final
+    first = fed.get_weights(fed.load_global(fc, round_no=1)[1], names)
+    last = fed.get_weights(fed.load_global(fc, round_no=2)[1], names)
+    assert all(np.array_equal(a, b) for a, b in zip(last, after))
+    assert any(not np.array_equal(a, b) for a, b in zip(first, after))
 
 
 def test_train_cli_federated_flag_reads_and_checks_the_config(tmp_path):

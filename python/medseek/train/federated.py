@@ -413,6 +413,7 @@ def _server(fc: FederatedConfig, address: str) -> None:
                                                  for a, b in zip(new, self.current))))})
             self.current = new
             np.savez(out / "global.npz", *new)
+            np.savez(out / f"global_round{server_round}.npz", *new)  # rounds-to-target curves
             (out / "rounds.json").write_text(json.dumps(rounds_log, indent=1))
             return ndarrays_to_parameters(new), {}
 
@@ -526,22 +527,26 @@ def _wait_listening(address: str, proc: subprocess.Popen, log: Path, timeout: fl
     raise TimeoutError(f"federated: server did not listen on {address} in {timeout} s")
 
 
-def load_global(fc: FederatedConfig):
-    """The model with the run's final global weights (``OUT/global.npz``)."""
+def load_global(fc: FederatedConfig, round_no: int | None = None):
+    """The model with the run's final global weights (``OUT/global.npz``), or those after
+    round ``round_no`` (``OUT/global_round<n>.npz``)."""
     cfg, model, names = build_model(fc)
-    with np.load(Path(fc.out) / "global.npz") as z:
+    name = "global.npz" if round_no is None else f"global_round{round_no}.npz"
+    with np.load(Path(fc.out) / name) as z:
         set_weights(model, names, [z[f"arr_{j}"] for j in range(len(names))])
     return cfg, model
 
 
-def evaluate_federated(fc: FederatedConfig, n_boot: int = 1000, initial: bool = False) -> dict:
-    """Test metrics of the final global model (:func:`medseek.train.ablation.evaluate_split`);
-    with ``initial`` those of the seed's untrained model, the baseline every run starts from."""
+def evaluate_federated(fc: FederatedConfig, n_boot: int = 1000, initial: bool = False,
+                       round_no: int | None = None) -> dict:
+    """Test metrics of the final global model (:func:`medseek.train.ablation.evaluate_split`),
+    or of the global model after round ``round_no``; with ``initial`` those of the seed's
+    untrained model, the baseline every run starts from."""
     from .ablation import choose_labels, evaluate_split
     from .data import PairDataset, load_tokenizer
     from .text_features import TextFeatureCache, text_tower_frozen
 
-    model = build_model(fc)[1] if initial else load_global(fc)[1]
+    model = build_model(fc)[1] if initial else load_global(fc, round_no)[1]
     train = PairDataset.from_manifest(fc.data, model.cfg, "train")
     test = PairDataset.from_manifest(fc.data, model.cfg, "test")
     tok = load_tokenizer(model.cfg.text.max_length)
