@@ -5,7 +5,8 @@
 
 FedAvg, FedProx and FedNova on IID, Dirichlet(0.2), Dirichlet(0.8) and site (patient-id
 hash) partitions, and FedAvg-IID with two one-modality clients (``fedavg-iid-missing``:
-client 2 radiographs only, client 3 reports only), all on real Flower server and client
+client 2 radiographs only, client 3 reports only) and with those two clients' data left
+out (``fedavg-iid-dropped``, the control), all on real Flower server and client
 processes on 127.0.0.1; and the centralized recipe trained for the same total number of
 optimizer steps (clients × rounds × local steps) with :func:`medseek.train.ablation.run_variant`.
 Every run is evaluated on the patient-disjoint test split with
@@ -56,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     recipe = grid_recipe(out, warmup=max(1, args.rounds * args.local_steps // 10))
     runs = {f"{s}-{p}": (s, p) for p in ("iid", "dir0.2", "dir0.8", "site")
             for s in ("fedavg", "fedprox", "fednova")}
-    # missing modality: client 2 holds radiographs only, client 3 reports only
+    # missing modality: client 2 holds radiographs only, client 3 reports only; the
+    # control leaves those two clients' data out
     runs["fedavg-iid-missing"] = ("fedavg", "iid")
+    runs["fedavg-iid-dropped"] = ("fedavg", "iid")
     names = [*runs, "centralized", "untrained"]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
@@ -77,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
                    "bytes_per_round": 0}
         else:
             strategy, part = runs[name]
-            missing = ({"2": "image", "3": "report"} if name.endswith("-missing")
-                       and args.clients >= 4 else {})
+            missing = {}
+            if args.clients >= 4 and name.endswith("-missing"):
+                missing = {"2": "image", "3": "report"}
+            elif args.clients >= 4 and name.endswith("-dropped"):
+                missing = {"2": "none", "3": "none"}
             fc = load_federated_config({
                 "recipe": recipe, "data": args.data, "out": str(out / name), "clients": args.clients,
                 "rounds": args.rounds, "local_steps": args.local_steps, "strategy": strategy, "mu": args.mu,

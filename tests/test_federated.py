@@ -176,3 +176,20 @@ def test_batchnorm_statistics_travel_with_the_weights():
     assert not torch.allclose(fresh[1].running_mean, torch.zeros(4))
     x = torch.randn(2, 1, 6, 6)
     assert torch.allclose(fresh.eval()(x), trained.eval()(x))
+
+
+def test_a_client_with_its_data_left_out_counts_for_nothing():
+    rng = np.random.default_rng()
+    g = [rng.normal(size=(3, 2)).astype(np.float32)]
+    a, b = [rng.normal(size=(3, 2)).astype(np.float32)], [rng.normal(size=(3, 2)).astype(np.float32)]
+    np.testing.assert_allclose(fed.fedavg([a, g], [5, 0])[0], a[0], rtol=1e-6)
+    np.testing.assert_allclose(fed.fednova(g, [a, b, g], [4, 4, 0], [2, 2, 1])[0],
+                               fed.fedavg([a, b], [4, 4])[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="positive sum"):
+        fed.fedavg([a, b], [0, 0])
+    with pytest.raises(ValueError, match="positive sum"):
+        fed.fednova(g, [a], [-1], [1])
+    fc = fed.FederatedConfig(recipe="tiny-cxr", data="d", out="o", clients=3, missing={"2": "none"})
+    assert [fc.modality(c) for c in range(3)] == ["both", "both", "none"]
+    with pytest.raises(ValueError, match="'image', 'report' or 'none'"):
+        fed.FederatedConfig(recipe="tiny-cxr", data="d", out="o", clients=3, missing={"1": "pixels"})

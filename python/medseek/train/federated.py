@@ -11,7 +11,9 @@ and the aggregation are federated. A run is one :class:`FederatedConfig`:
 * ``missing`` names clients that hold one modality only (``"image"``: radiographs and
   their curated labels, no report text; ``"report"``: report text, no pixels). Such a
   client cannot form image↔report pairs, so it trains only the finding/evidence loss
-  (``LossConfig.w_finding``) on the embedding it has; the recipe must turn it on;
+  (``LossConfig.w_finding``) on the embedding it has; the recipe must turn it on.
+  ``"none"`` leaves a client's data out (it answers every round with 0 examples): the
+  control that says whether one-modality clients add anything;
 * ``strategy``: ``fedavg`` (example-weighted mean), ``fedprox`` (the same mean; each
   client adds ``mu/2 · ||w - w_global||²`` to its loss) or ``fednova`` (each client runs
   a number of local steps proportional to its data, and the server normalises each
@@ -82,11 +84,14 @@ class FederatedConfig:
         for k, v in self.missing.items():
             if not 0 <= k < self.clients:
                 raise ValueError(f"federated: missing names client {k}, but there are {self.clients} clients")
-            if v not in ("image", "report"):
-                raise ValueError(f"federated: client {k} modality {v!r} must be 'image' or 'report'")
+            if v not in ("image", "report", "none"):
+                raise ValueError(f"federated: client {k} modality {v!r} must be 'image', 'report' "
+                                 "or 'none'")
 
     def modality(self, client: int) -> str:
-        """What client ``client`` holds: ``both``, ``image`` or ``report``."""
+        """What client ``client`` holds: ``both``, ``image``, ``report`` or ``none`` (its
+        data left out: it takes part in every round and sends the global weights back with
+        0 examples, so aggregation ignores it; the control for one-modality clients)."""
         return self.missing.get(int(client), "both")
 
     def to_dict(self) -> dict:
@@ -198,12 +203,13 @@ def client_item(ds, i: int, modality: str) -> dict:
 
 
 def fedavg(updates: list[list[np.ndarray]], weights: list[float]) -> list[np.ndarray]:
-    """Weighted mean of each layer over clients (weights: example counts)."""
+    """Weighted mean of each layer over clients (weights: example counts; a client with
+    0 examples, whose data is left out, counts for nothing)."""
     if not updates or len(updates) != len(weights):
         raise ValueError(f"fedavg: {len(updates)} updates and {len(weights)} weights")
     w = np.asarray(weights, dtype=np.float64)
-    if not (w > 0).all():
-        raise ValueError(f"fedavg: weights must be > 0, got {weights}")
+    if (w < 0).any() or not w.sum() > 0:
+        raise ValueError(f"fedavg: weights must be >= 0 with a positive sum, got {weights}")
     w = w / w.sum()
     return [sum(wk * u[j].astype(np.float64) for wk, u in zip(w, updates)).astype(updates[0][j].dtype)
             for j in range(len(updates[0]))]
@@ -214,6 +220,8 @@ def fednova(global_w: list[np.ndarray], updates: list[list[np.ndarray]], weights
     """FedNova: ``w = w_g - tau_eff · Σ p_i (w_g - w_i) / tau_i`` with ``p_i`` the data
     shares and ``tau_eff = Σ p_i tau_i`` (local steps). Equal taus give FedAvg."""
     p = np.asarray(weights, dtype=np.float64)
+    if (p < 0).any() or not p.sum() > 0:
+        raise ValueError(f"fednova: weights must be >= 0 with a positive sum, got {weights}")
     p = p / p.sum()
     tau = np.asarray(taus, dtype=np.float64)
     if not (tau > 0).all():
@@ -446,6 +454,8 @@ def _client(fc: FederatedConfig, client: int, address: str) -> None:
             return get_weights(model, names)
 
         def fit(self, parameters, config):
+            if modality == "none":  # data left out: weight 0 in every aggregation
+                return parameters, 0, {"tau": 1, "loss": float("nan"), "client": client}
             set_weights(model, names, parameters)
             last = local_train(model, names, cfg, fc, train, mine, modality, steps, int(config["round"]),
                                tokenizer, text_cache, cache)
