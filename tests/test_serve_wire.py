@@ -162,3 +162,37 @@ def test_bad_upload_streams_are_refused_naming_what_is_wrong(upload_client, chun
     # the server goes on
     ok = upload_client.search(pb.SearchRequest(item_id="vol-1", k=2), timeout=60)
     assert ok.hits
+
+
+def test_uploads_beyond_the_lanes_slots_wait_before_their_chunks_are_read():
+    """``EncodeLane.uploads``: with one slot, a second upload's chunks are not read until
+    the first upload is whole (its client is held by flow control meanwhile)."""
+    import asyncio
+
+    from medseek.serve.wire import read_upload
+
+    log = []
+
+    async def stream(name, gate=None):
+        yield _head(4)
+        for part in (b"ab", b"cd"):
+            if gate is not None:
+                await gate.wait()
+            log.append((name, part))
+            yield pb.UploadChunk(data=part)
+
+    async def main():
+        slots = {"volume": asyncio.Semaphore(1)}
+        gate = asyncio.Event()
+        first = asyncio.ensure_future(read_upload(stream("first", gate), 100, slots))
+        second = asyncio.ensure_future(read_upload(stream("second"), 100, slots))
+        for _ in range(20):  # let both run as far as they can
+            await asyncio.sleep(0)
+        assert log == []  # the first waits at its gate, the second for the slot
+        gate.set()
+        a, b = await first, await second
+        assert getattr(a, "volume") == getattr(b, "volume") == b"abcd"
+        assert [n for n, _ in log] == ["first", "first", "second", "second"]
+        assert slots["volume"]._value == 1  # given back
+
+    asyncio.run(main())

@@ -57,6 +57,8 @@ class Lane:
                             ThreadPoolExecutor(spec.decode_threads, f"medseek-decode-{name}",
                                                *init))
         self._decode_slots = asyncio.Semaphore(spec.decode_threads)
+        #: SearchUpload streams of this lane read at once (``EncodeLane.uploads``)
+        self.upload_slots = asyncio.Semaphore(spec.uploads)
         self.decode_waiting = 0
         self.encode_pool = ThreadPoolExecutor(spec.workers, f"medseek-encode-{name}", *init)
         self.batcher = MicroBatcher(f"encode_{name}", run_batch,

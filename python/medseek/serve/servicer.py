@@ -140,7 +140,9 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     async def SearchUpload(self, request_iterator, context):
         """``Search`` with its upload in chunks (``serve.wire.read_upload``)."""
         async def work():
-            req = await read_upload(request_iterator, self.config.max_receive_message_bytes)
+            slots = {kind: lane.upload_slots for kind, lane in self.encoding.lanes.items()}
+            req = await read_upload(request_iterator, self.config.max_receive_message_bytes,
+                                    slots)
             return await self._search(req, context)
 
         return await self._guarded("SearchUpload", context, work)

@@ -128,12 +128,14 @@ def search_deserializer(message_type, large_bytes: int = LARGE_BYTES):
     return deserialize
 
 
-async def read_upload(chunks, max_bytes: int) -> LargeSearchRequest:
+async def read_upload(chunks, max_bytes: int, slots: dict | None = None) -> LargeSearchRequest:
     """The search of a ``SearchUpload`` stream: its head's request with the chunks' bytes
     as its upload. Refused naming what is wrong: no head first, a head that is not an
     image or volume search or already carries its upload, a second head, a size over
     ``max_bytes`` (RESOURCE_EXHAUSTED, before any chunk is read) or chunks that do not
-    add up to the head's size."""
+    add up to the head's size. ``slots``: upload kind -> semaphore; the chunks are read
+    holding one (``EncodeLane.uploads``), so few uploads are copied on the event loop at
+    once and the others wait in gRPC's flow control."""
     it = aiter(chunks)
     first = await anext(it, None)
     if first is None:
@@ -151,6 +153,14 @@ async def read_upload(chunks, max_bytes: int) -> LargeSearchRequest:
     if total > max_bytes:
         raise OverBudget(f"head.total_bytes: {total} exceeds the server's receive limit "
                          f"max_receive_message_bytes={max_bytes}")
+    slot = (slots or {}).get(kind)
+    if slot is None:
+        return await _read_chunks(it, request, kind, total)
+    async with slot:
+        return await _read_chunks(it, request, kind, total)
+
+
+async def _read_chunks(it, request, kind: str, total: int) -> LargeSearchRequest:
     parts, n, i = [], 0, 0
     async for chunk in it:
         i += 1

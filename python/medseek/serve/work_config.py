@@ -118,6 +118,10 @@ class EncodeLane:
         of 21 MB are 670 MB). A request that would go over is refused with
         RESOURCE_EXHAUSTED naming the lane and this budget, unless the lane is empty (one
         upload is bounded by ``max_receive_message_bytes``). None: no byte budget.
+    uploads : int
+        ``SearchUpload`` streams of this lane whose chunks are read at once. Each chunk is
+        copied on the event loop, so 32 uploads read together put 32 copies between a
+        light request's steps; more wait, held by gRPC's flow control, not buffered.
     nice : int
         Scheduling niceness (0-19, Linux) of the lane's decode and encoder threads: a
         heavy lane at 10 gives way on busy cores to the light lane's threads and the event
@@ -128,6 +132,7 @@ class EncodeLane:
     decode_threads: int = 1
     max_queue: int | None = None
     max_queued_bytes: int | None = None
+    uploads: int = 2
     nice: int = 0
 
     def __post_init__(self) -> None:
@@ -140,6 +145,8 @@ class EncodeLane:
         if self.max_queued_bytes is not None and self.max_queued_bytes < 1:
             raise ValueError(f"max_queued_bytes must be >= 1 or None, got "
                              f"{self.max_queued_bytes!r}")
+        if self.uploads < 1:
+            raise ValueError(f"uploads must be >= 1, got {self.uploads!r}")
         if not 0 <= self.nice <= 19:
             raise ValueError(f"nice must be in [0, 19], got {self.nice!r}")
 
