@@ -117,16 +117,12 @@ class OnnxTextEncoder:
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """Embed ``texts`` (any strings, empty ones included), sorted by length into
         batches that pad little; the output keeps the input order."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("texts must be a list of str")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            encs = self.tokenizer.encode_batch([texts[i] for i in idx])
-            ids = np.array([e.ids for e in encs], dtype=np.int64)
-            mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
-            out[idx] = self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
-        return out
+        from medseek.models.text_tower import encode_in_length_order
+
+        return encode_in_length_order(texts, batch_size, self.dim, self._embed)
+
+    def _embed(self, batch: list[str]) -> np.ndarray:
+        encs = self.tokenizer.encode_batch(batch)
+        ids = np.array([e.ids for e in encs], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
+        return self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]

@@ -280,18 +280,28 @@ class TextEncoder:
         np.ndarray
             ``(len(texts), 384)`` float32, each row of unit L2 norm.
         """
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("texts must be a list of str")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            ids, mask = self.tokenize([texts[i] for i in idx])
-            emb = self.model(ids.to(self.device), mask.to(self.device))
-            out[idx] = emb.float().cpu().numpy()
-        return out
+        def embed(batch: list[str]) -> np.ndarray:
+            ids, mask = self.tokenize(batch)
+            return self.model(ids.to(self.device), mask.to(self.device)).float().cpu().numpy()
+
+        return encode_in_length_order(texts, batch_size, self.dim, embed)
+
+
+def encode_in_length_order(texts: list[str], batch_size: int, dim: int,
+                           embed_batch) -> np.ndarray:
+    """``(len(texts), dim)`` float32 rows of ``embed_batch(list[str]) -> (B, dim)``, run on
+    batches of texts sorted by length (so that each batch pads little); the rows keep the
+    input order. Shared by the torch and ONNX Runtime sentence encoders."""
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a list of str")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = np.empty((len(texts), dim), dtype=np.float32)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        out[idx] = embed_batch([texts[i] for i in idx])
+    return out
 
 
 def count_parameters(model: nn.Module) -> int:
