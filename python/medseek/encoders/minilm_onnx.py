@@ -77,20 +77,23 @@ class OnnxTextEncoder:
                  threads: int = 1, cache_dir: str | Path | None = None) -> None:
         import onnxruntime as ort
 
-        from medseek.models.text_tower import TextEncoder, locate_minilm
+        from medseek.models.text_tower import TextEncoder, locate_minilm, minilm_tokenizer
 
         folder = Path(model_dir) if model_dir is not None else locate_minilm()
-        reference = TextEncoder(folder, max_length=max_length)
-        self.tokenizer, self.dim = reference.tokenizer, reference.dim
+        cfg, self.tokenizer = minilm_tokenizer(folder, max_length)
+        self.dim = cfg.hidden_size
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(self._graph(reference.model, folder, cache_dir),
-                                            opts, providers=["CPUExecutionProvider"])
+        # the torch tower is built only to trace it, when the cache has no graph yet
+        graph = self._graph(lambda: TextEncoder(folder, max_length=max_length).model, folder,
+                            cache_dir)
+        self.session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
 
     @staticmethod
     def _graph(tower, folder: Path, cache_dir) -> str | bytes:
-        """The cached graph's path; traced into the cache first when it is not there."""
+        """The cached graph's path; traced from ``tower()`` into the cache first when it is
+        not there."""
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         path = cache / _graph_name(folder)
         if path.is_file():
@@ -103,10 +106,10 @@ class OnnxTextEncoder:
             log.warning("MiniLM ONNX cache %s is not writable (%s): tracing in memory",
                         cache, type(exc).__name__)
             with tempfile.TemporaryDirectory() as d:
-                _trace(tower, Path(d) / "minilm.onnx")
+                _trace(tower(), Path(d) / "minilm.onnx")
                 return (Path(d) / "minilm.onnx").read_bytes()
         try:
-            _trace(tower, Path(tmp))
+            _trace(tower(), Path(tmp))
             os.replace(tmp, path)  # atomic: a concurrent start reads a whole file or none
         finally:
             if os.path.exists(tmp):

@@ -230,18 +230,9 @@ class TextEncoder:
         self, model_dir: str | Path | None = None, max_length: int = 256, device: str = "cpu"
     ) -> None:
         from safetensors.torch import load_file
-        from tokenizers import Tokenizer
 
         folder = Path(model_dir) if model_dir is not None else locate_minilm()
-        self.cfg = TextTowerConfig.from_json(folder / "config.json", max_length=max_length)
-        if not 2 <= max_length <= self.cfg.max_position_embeddings:
-            raise ValueError(
-                f"max_length must be in [2, {self.cfg.max_position_embeddings}], got {max_length}"
-            )
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.tokenizer.enable_truncation(max_length)
-        # pad each batch to its longest member, not to the file's fixed 128
-        self.tokenizer.enable_padding(pad_id=self.cfg.pad_token_id, pad_token="[PAD]")
+        self.cfg, self.tokenizer = minilm_tokenizer(folder, max_length)
         self.device = torch.device(device)
         self.model = MiniLMTextTower(self.cfg)
         state = {}
@@ -285,6 +276,23 @@ class TextEncoder:
             return self.model(ids.to(self.device), mask.to(self.device)).float().cpu().numpy()
 
         return encode_in_length_order(texts, batch_size, self.dim, embed)
+
+
+def minilm_tokenizer(folder: Path, max_length: int):
+    """``(TextTowerConfig, tokenizers.Tokenizer)`` of the MiniLM in ``folder``: truncation
+    at ``max_length`` tokens, each batch padded to its longest member (not to the file's
+    fixed 128). Shared by the torch and ONNX Runtime sentence encoders."""
+    from tokenizers import Tokenizer
+
+    cfg = TextTowerConfig.from_json(folder / "config.json", max_length=max_length)
+    if not 2 <= max_length <= cfg.max_position_embeddings:
+        raise ValueError(
+            f"max_length must be in [2, {cfg.max_position_embeddings}], got {max_length}"
+        )
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.enable_truncation(max_length)
+    tokenizer.enable_padding(pad_id=cfg.pad_token_id, pad_token="[PAD]")
+    return cfg, tokenizer
 
 
 def encode_in_length_order(texts: list[str], batch_size: int, dim: int,
