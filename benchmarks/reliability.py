@@ -192,6 +192,17 @@ def fuzz_phi_auth(workdir: Path, cases: int, seed: int = 0, workers: int = 1,
     return result
 
 
+def _serve_sets(pairs: list[str]) -> dict:
+    """``--serve-set KEY=JSON`` pairs -> ServeConfig overrides."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--serve-set {pair!r}: expected KEY=JSON")
+        out[key] = json.loads(value)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=int, default=10000)
@@ -212,6 +223,9 @@ def main(argv=None) -> int:
     p.add_argument("--heavy-nice", type=int, default=0,
                    help="overload: niceness of the heavy clients' process (they stand in for "
                         "other machines)")
+    p.add_argument("--serve-set", action="append", default=[], metavar="KEY=JSON",
+                   help="overload: a ServeConfig key for the server, e.g. "
+                        "gil_switch_interval_ms=0.5 (repeatable)")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
     p.add_argument("--json", type=Path, help="write the summary here")
@@ -241,7 +255,8 @@ def main(argv=None) -> int:
                                        duration_s=args.overload_seconds,
                                        light_interval_s=args.light_interval,
                                        encoder=args.overload_encoder,
-                                       heavy_nice=args.heavy_nice)
+                                       heavy_nice=args.heavy_nice,
+                                       serve_extra=_serve_sets(args.serve_set))
         print(f"  {summary['overload']}", flush=True)
     summary["wall_s"] = time.monotonic() - t0
     _dump(summary, args.json)

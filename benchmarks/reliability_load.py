@@ -159,13 +159,15 @@ def onnx_repository(out: Path) -> Path:
 
 def overload(workdir: Path, clients: int = 64, heavy_fraction: float = 0.5,
              duration_s: float = 60.0, unloaded_n: int = 200, light_interval_s: float = 0.0,
-             encoder: str = "local", heavy_nice: int = 0, log=print) -> dict:
+             encoder: str = "local", heavy_nice: int = 0, serve_extra: dict | None = None,
+             log=print) -> dict:
     """Light p99 alone, under ``clients`` clients (``heavy_fraction`` of them heavy), and
     under the same number of light clients without the heavy ones (a control that tells
     waiting behind heavy work from plain concurrency on this machine's cores). Light
     clients send back to back, or one request per ``light_interval_s``. ``encoder``: the
     server's, ``local`` (torch in process) or ``onnx`` (the same towers in ONNX Runtime);
-    ``heavy_nice``: the heavy clients' process priority (``_load_phase``)."""
+    ``heavy_nice``: the heavy clients' process priority (``_load_phase``); ``serve_extra``:
+    further ServeConfig keys of the server."""
     # a 256 x 256 x 160 int16 CT at 1 mm (21 MB) and a 2048 x 2048 radiograph (4 MP)
     heavy = [pb.SearchRequest(volume=seeds.nifti_bytes((256, 256, 160), (1.0, 1.0, 1.0),
                                                        seed=9, dtype=np.int16), k=10),
@@ -176,7 +178,7 @@ def overload(workdir: Path, clients: int = 64, heavy_fraction: float = 0.5,
         args = ("--encoder", "onnx", "--model-repo",
                 str(onnx_repository(Path(workdir) / "model_repository")))
     with ServerProcess(Path(workdir), tokens=False, max_message_bytes=64 * 1024 * 1024,
-                       args=args) as s:
+                       extra=serve_extra, args=args) as s:
         _populate(s.address, reports=400, images=100, volumes=8)
         _timed_lights(s.address, 20)  # warm-up
         alone = np.array(_timed_lights(s.address, unloaded_n)) * 1e3
@@ -193,6 +195,7 @@ def overload(workdir: Path, clients: int = 64, heavy_fraction: float = 0.5,
     ratio = lambda phase: phase["light"]["p99_ms"] / p99 if "light" in phase else None  # noqa: E731
     return {"clients": clients, "heavy_clients": n_heavy, "duration_s": duration_s,
             "light_interval_s": light_interval_s, "encoder": encoder, "heavy_nice": heavy_nice,
+            "serve_extra": serve_extra or {},
             "unloaded": {"n": len(alone), "p50_ms": float(np.percentile(alone, 50)),
                          "p99_ms": p99},
             "mixed": mixed, "light_only": control, "p99_ratio": ratio(mixed),

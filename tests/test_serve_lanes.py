@@ -6,6 +6,7 @@ in-process encoder whose image and volume towers wait at a gate (nothing races a
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import threading
 
 import pytest
@@ -198,3 +199,39 @@ def test_lane_byte_budget_counts_uploads_until_decoded():
             await lane.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_lane_threads_run_at_its_nice_and_on_its_cpus():
+    """``EncodeLane.nice`` and ``cpus`` hold for the lane's decode and encoder threads (and
+    nothing else: the calling thread keeps its CPUs); CPUs this process may not use are
+    dropped, and a list of none of them leaves the process's."""
+    import asyncio
+
+    from medseek.serve.encoding import Lane
+
+    mine = os.sched_getaffinity(0)
+    first = min(mine)
+
+    def placement(_=None):
+        tid = threading.get_native_id()
+        return os.getpriority(os.PRIO_PROCESS, tid), os.sched_getaffinity(0)
+
+    async def main(spec):
+        lane = Lane("image", spec, BatchConfig(), lambda kind, rows: [placement() for _ in rows],
+                    lambda *a: None)
+        lane.batcher.start()
+        try:
+            return await lane.decode(placement), await lane.encode("image", None)
+        finally:
+            await lane.close()
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    decoded, encoded = asyncio.run(main(EncodeLane(nice=5, cpus=(first, 10_000))))
+    want = (min(base + 5, 19), {first})
+    assert decoded == want and encoded == want
+    assert os.sched_getaffinity(0) == mine
+    decoded, _ = asyncio.run(main(EncodeLane(cpus=(10_000,))))
+    assert decoded[1] == mine
+    with pytest.raises(ValueError, match="cpus must be"):
+        EncodeLane(cpus=())

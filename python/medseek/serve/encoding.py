@@ -52,7 +52,7 @@ class Lane:
         self.max_queue = spec.max_queue if spec.max_queue is not None else batch.max_queue
         self.max_queued_bytes = spec.max_queued_bytes
         self.queued_bytes = 0  # uploads admitted and not yet decoded
-        init = (functools.partial(_renice, spec.nice),)
+        init = (functools.partial(_place_thread, spec.nice, spec.cpus),)
         self.decode_pool = (None if name == "text" else
                             ThreadPoolExecutor(spec.decode_threads, f"medseek-decode-{name}",
                                                *init))
@@ -257,13 +257,21 @@ class Encoding:
                 for (field, _), row in zip(payloads, embs)]
 
 
-def _renice(nice: int) -> None:
-    """Lower this thread's scheduling priority by ``nice`` (Linux: niceness is per thread)."""
+def _place_thread(nice: int, cpus: tuple[int, ...] | None) -> None:
+    """Lower this thread's scheduling priority by ``nice`` below the process's (so a
+    server started under ``nice`` keeps its lanes apart) and keep it on ``cpus`` (Linux:
+    both are per thread; threads it starts inherit them)."""
+    tid = threading.get_native_id()
     if nice and hasattr(os, "setpriority"):
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid)
+                                                     + nice))
         except OSError:  # not permitted here: the lane runs at the process's priority
             pass
+    if cpus is not None and hasattr(os, "sched_setaffinity"):
+        allowed = set(cpus) & os.sched_getaffinity(0)
+        if allowed:  # none of them is ours: keep the process's CPUs
+            os.sched_setaffinity(tid, allowed)
 
 
 def _nan(field: str) -> ing.InvalidField:

@@ -123,9 +123,16 @@ class EncodeLane:
         copied on the event loop, so 32 uploads read together put 32 copies between a
         light request's steps; more wait, held by gRPC's flow control, not buffered.
     nice : int
-        Scheduling niceness (0-19, Linux) of the lane's decode and encoder threads: a
-        heavy lane at 10 gives way on busy cores to the light lane's threads and the event
-        loop. Threads an encoder library starts from them (intra-op pools) inherit it.
+        Scheduling niceness (0-19, Linux) added to the process's for the lane's decode
+        and encoder threads: a heavy lane at 10 gives way on busy cores to the light
+        lane's threads and the event loop. Threads an encoder library starts from them
+        (intra-op pools) inherit it.
+    cpus : tuple of int, optional
+        CPUs the lane's decode and encoder threads may run on (Linux CPU affinity; threads
+        they start inherit it). Priority alone still lets heavy threads take every core
+        between two steps of a light request; pinning the heavy lanes to some cores keeps
+        the others free for the event loop and the light lane. CPUs this process may not
+        use are dropped; none left: the lane keeps the process's CPUs. None: any.
     """
 
     workers: int = 1
@@ -134,8 +141,15 @@ class EncodeLane:
     max_queued_bytes: int | None = None
     uploads: int = 2
     nice: int = 0
+    cpus: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.cpus is not None:
+            cpus = tuple(self.cpus)
+            if not cpus or not all(isinstance(c, int) and c >= 0 for c in cpus):
+                raise ValueError(f"cpus must be a non-empty list of CPU numbers >= 0 or None, "
+                                 f"got {self.cpus!r}")
+            object.__setattr__(self, "cpus", cpus)
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers!r}")
         if self.decode_threads < 1:
