@@ -251,6 +251,27 @@ class Catalog:
         with coll.lock:
             return coll.index.search(queries, k, allowed, **params)
 
+    def stored_vectors(self, collection: str, keys: np.ndarray
+                       ) -> tuple[np.ndarray | None, int]:
+        """The vectors ``collection``'s index holds under ``keys`` and the store seq it has
+        applied, read together under its lock.
+
+        A row whose store ``seq`` is at most that applied seq has its current embedding in
+        the index (every write of an embedding gives the row a new seq, and the index has
+        applied every write up to it), so a caller may use the index's copy for it instead
+        of reading the store; a row written since must be read from the store.
+
+        Returns
+        -------
+        (np.ndarray float32 (n, dim) or None, int)
+            None when the index does not keep exact vectors (IVF-PQ, Milvus) or lacks one of
+            ``keys`` (removed since it was searched).
+        """
+        coll = self._get(collection)
+        with coll.lock:
+            read = getattr(coll.index, "stored_vectors", None)
+            return (None if read is None else read(keys)), coll.applied_seq
+
     def save(self) -> None:
         """Save every index with the seq it has applied (atomic per file)."""
         with self._lock:

@@ -87,6 +87,8 @@ class FaissIndex:
         self._labels = np.empty(0, dtype=np.int64)  # hnsw: position -> id, -1 = tombstone
         self._dead = 0
         self._live_bitmap: np.ndarray | None = None  # hnsw: cached packbits(labels >= 0)
+        # sorted ids and their storage positions (flat, hnsw), made on first use per change
+        self._by_label: tuple[np.ndarray, np.ndarray] | None = None
         self._use_gpu = gpu_usable(config)
         self._gpu = GpuReplica(config.gpu_device)
 
@@ -200,10 +202,11 @@ class FaissIndex:
             log.info("training IVF-PQ on the first batch of %d vectors", ids.size)
             self.train(x)
         self.remove(ids)  # upsert: drop old versions first
+        self._by_label = None
         if self.config.kind == "hnsw":
             self._cpu.add(x)
             self._labels = np.concatenate([self._labels, ids])
-            self._live_bitmap = None
+            self._live_bitmap = self._by_label = None
         else:
             self._cpu.add_with_ids(x, ids)
             self._gpu.add(x, ids)
@@ -216,13 +219,14 @@ class FaissIndex:
         if self.config.kind != "hnsw":
             n = int(self._cpu.remove_ids(faiss.IDSelectorBatch(ids)))
             if n:
+                self._by_label = None  # remove_ids compacts: positions move
                 self._gpu.invalidate()  # re-made lazily; GPU indexes cannot all remove
             return n
         hit = np.flatnonzero(np.isin(self._labels, ids))
         if hit.size:
             self._labels[hit] = -1
             self._dead += int(hit.size)
-            self._live_bitmap = None
+            self._live_bitmap = self._by_label = None
             if self._dead > self.config.hnsw_rebuild_fraction * self._labels.size:
                 self._rebuild_hnsw()
         return int(hit.size)
@@ -234,8 +238,56 @@ class FaissIndex:
         self._cpu = self._new_cpu_index()
         if live.size:
             self._cpu.add(np.ascontiguousarray(vectors))
-        self._labels, self._dead, self._live_bitmap = labels, 0, None
+        self._labels, self._dead, self._live_bitmap, self._by_label = labels, 0, None, None
         log.info("rebuilt HNSW index without tombstones (%d live vectors)", live.size)
+
+    # -- stored vectors -------------------------------------------------------------------
+    def stored_vectors(self, ids: np.ndarray) -> np.ndarray | None:
+        """The vectors stored under ``ids``, bit for bit as added, or None.
+
+        Flat and HNSW keep every vector as given (float32, in an ``IndexFlat`` storage), so
+        a caller that would read the same vectors from the store (the search pipeline's
+        candidates) can take them from memory instead; IVF-PQ keeps only PQ codes, whose
+        reconstruction is approximate: None. None too when any id is absent (e.g. removed
+        since a search returned it). Not safe against concurrent mutation (as ``search``).
+
+        Parameters
+        ----------
+        ids : np.ndarray, int64, shape (n,)
+
+        Returns
+        -------
+        np.ndarray, float32, shape (n, dim), a copy; or None
+        """
+        ids = check_ids("ids", ids, unique=False, contiguous=False)
+        if self.config.kind == "ivfpq":
+            return None
+        if ids.size == 0:
+            return np.empty((0, self._dim), np.float32)
+        positions = self._positions(ids)
+        if positions is None:
+            return None
+        storage = faiss.downcast_index(self._cpu.index if self.config.kind == "flat"
+                                       else self._cpu.storage)
+        # a view of FAISS's own (ntotal, dim) buffer, made anew each call: an add may move it
+        xb = faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * self._dim)
+        return xb.reshape(storage.ntotal, self._dim)[positions]  # fancy index: a copy
+
+    def _positions(self, ids: np.ndarray) -> np.ndarray | None:
+        """Storage positions of live ``ids`` (None if any is absent), through a sorted copy
+        of the position -> id table, made once per change of the index (``add``/``remove``
+        reset it: flat's ``remove_ids`` compacts the storage)."""
+        if self._by_label is None:
+            labels = (faiss.vector_to_array(self._cpu.id_map) if self.config.kind == "flat"
+                      else self._labels)
+            live = np.flatnonzero(labels >= 0)
+            order = np.argsort(labels[live], kind="stable")
+            self._by_label = (labels[live][order], live[order].astype(np.int64))
+        labels, positions = self._by_label
+        at = np.searchsorted(labels, ids)
+        if (at >= labels.size).any() or (labels[np.minimum(at, labels.size - 1)] != ids).any():
+            return None
+        return positions[at]
 
     # -- search ---------------------------------------------------------------------------
     def search(

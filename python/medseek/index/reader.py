@@ -13,11 +13,17 @@ Each thread that reads gets its own read-only connection (opened on its first re
 the server's search threads read concurrently; SQLite releases the GIL while it steps.
 
 Building an ``ItemRecord`` from its row (JSON labels, validation) costs more than reading
-the row, so ``candidate_items`` keeps the records it built in a bounded LRU keyed by
-``(row_key, seq)``. That key needs no invalidation: every write of an item's columns
+the row, so ``candidate_items`` and ``items`` keep the records they built in a bounded LRU
+keyed by ``(row_key, seq)``. That key needs no invalidation: every write of an item's columns
 gives it a new ``seq`` in the same transaction (``Store.upsert``), a row key is never
 reused, and a deleted row is simply not read again, so a cached record is the row as it
 was at that seq, for good.
+
+A search that ranks K' = 200 candidates per query (region rerank, diversification) reads
+them through the reader's ``RowCache`` instead (row_cache.py: ids, collections and
+provenance by row key, and children by parent, kept in step with the store's changelog)
+and takes their vectors from the ANN index's exact copies (``candidates(index_vectors=)``),
+so once warm it reads nothing from the store per candidate.
 """
 
 from __future__ import annotations
@@ -26,14 +32,15 @@ import collections
 import json
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from . import sql
 from .records import ITEM_FIELDS, ItemRecord, StoredItem, record_from_row, str_list
+from .row_cache import RowCache, rows_with_vectors
 
 if TYPE_CHECKING:
     from .store import Store
@@ -47,6 +54,13 @@ _CANDIDATE_ITEM_SQL = (f"SELECT {', '.join('i.' + c for c in ITEM_FIELDS)}, i.ro
                        "e.vector FROM items i JOIN embeddings e ON e.row_key = i.row_key "
                        "AND e.model = ? WHERE i.row_key IN (SELECT value FROM json_each(?))")
 _N_FIELDS = len(ITEM_FIELDS)
+#: columns of ``candidates``: row_key, id, collection, provenance, vector
+_CANDIDATE_SQL = ("SELECT i.row_key, i.item_id, i.collection, i.patient_pseudonym, "
+                  "i.study_pseudonym, i.source_document, e.vector FROM items i "
+                  "JOIN embeddings e ON e.row_key = i.row_key AND e.model = ? "
+                  "WHERE i.row_key IN (SELECT value FROM json_each(?))")
+#: ``Catalog.stored_vectors`` bound to a collection: row keys -> (vectors or None, seq)
+IndexVectors = Callable[[np.ndarray], tuple["np.ndarray | None", int]]
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,9 @@ class Candidates:
     provenance : dict of str to list of (str or None)
         "patient", "study", "document" pseudonyms (never logged).
     embeddings : np.ndarray, float32, shape (n, d)
+    groups : dict of str to np.ndarray, int64, shape (n,), or None
+        The provenance as group codes (``diversify.group_codes``), when the read had them
+        (through the ``RowCache``); None otherwise.
     """
 
     row_keys: np.ndarray
@@ -71,17 +88,24 @@ class Candidates:
     collections: list[str]
     provenance: dict[str, list[str | None]] = field(repr=False)
     embeddings: np.ndarray = field(repr=False)
+    groups: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
 
-@dataclass(frozen=True)
-class ChildRow:
-    """A chunk or region child: its id, parent, region name, z-range and embedding."""
+class ChildRow(NamedTuple):
+    """A chunk or region child: its id, parent, region name, z-range and embedding.
+
+    A named tuple (immutable): ``RowCache`` keeps children as plain tuples of these
+    fields, which the cyclic GC need not track."""
 
     id: str
     parent_id: str
     region: str | None
     z_range: tuple[int, int] | None
-    embedding: np.ndarray | None = field(repr=False)
+    embedding: np.ndarray | None = None
+
+    def __repr__(self) -> str:
+        return (f"ChildRow(id={self.id!r}, parent_id={self.parent_id!r}, "
+                f"region={self.region!r}, z_range={self.z_range!r})")
 
 
 class RecordCache:
@@ -126,6 +150,19 @@ class RecordCache:
                 self._records.popitem(last=False)
 
 
+def _candidates(found: list[tuple[int, tuple]], embeddings: np.ndarray) -> Candidates:
+    """``Candidates`` of ``(position asked, row of _CANDIDATE_SQL)`` pairs and their
+    (n, d) embeddings."""
+    cols = list(zip(*(r for _, r in found))) if found else [()] * 6
+    return Candidates(
+        row_keys=np.array(cols[0], dtype=np.int64),
+        positions=np.array([pos for pos, _ in found], dtype=np.int64),
+        ids=list(cols[1]), collections=list(cols[2]),
+        provenance={"patient": list(cols[3]), "study": list(cols[4]),
+                    "document": list(cols[5])},
+        embeddings=embeddings)
+
+
 def _check_keys(row_keys: object) -> np.ndarray:
     keys = np.asarray(row_keys)
     if keys.dtype.kind not in "iu" or keys.ndim != 1:
@@ -147,6 +184,7 @@ class StoreReader:
     def __init__(self, store: Store, record_cache: int = RECORD_CACHE_SIZE) -> None:
         self.model = store.config.model
         self.records = RecordCache(record_cache)
+        self.row_cache = RowCache(self.model)
         self._uri = f"{store.config.path.resolve().as_uri()}?mode=ro"
         self._timeout = store.config.busy_timeout_s
         self._local = threading.local()
@@ -178,6 +216,7 @@ class StoreReader:
             for con in self._cons:
                 con.close()
             self._cons.clear()
+        self.row_cache.clear()
 
     def __enter__(self) -> StoreReader:
         return self
@@ -186,9 +225,19 @@ class StoreReader:
         self.close()
 
     def _items(self, where: str, args: tuple, with_embeddings: bool) -> list[StoredItem]:
+        """The matching rows as ``StoredItem``, their records from ``self.records`` where
+        the row's (row_key, seq) is cached (module docstring), else built and cached."""
         model = (self.model,) if with_embeddings else ()
-        return [sql.stored_item(row)
-                for row in self._execute(sql.select_items(where, with_embeddings), model + args)]
+        rows = self._execute(sql.select_items(where, with_embeddings), model + args)
+        cache_keys = [(r[_N_FIELDS], r[_N_FIELDS + 1]) for r in rows]  # (row_key, seq)
+        records = self.records.get_many(cache_keys)
+        new = []
+        for j, row in enumerate(rows):
+            if records[j] is None:
+                records[j] = record_from_row(row[:_N_FIELDS])
+                new.append((cache_keys[j], records[j]))
+        self.records.put_many(new)
+        return [sql.stored_item(row, record) for row, record in zip(rows, records)]
 
     def items(
         self, row_keys: np.ndarray, *, with_embeddings: bool = False
@@ -232,12 +281,21 @@ class StoreReader:
         return {item_id: (coll, np.frombuffer(blob, dtype="<f4").astype(np.float32))
                 for item_id, coll, blob in rows}
 
-    def candidates(self, row_keys: np.ndarray) -> Candidates:
+    def candidates(self, row_keys: np.ndarray,
+                   index_vectors: IndexVectors | None = None) -> Candidates:
         """What ranking needs of ANN candidates, without building full records.
 
         Parameters
         ----------
         row_keys : np.ndarray, int, shape (n,)
+        index_vectors : callable, optional
+            ``keys -> (vectors or None, applied_seq)`` of the ANN index the keys came from
+            (``Catalog.stored_vectors``). Given, nothing is read from the store per
+            candidate: the ids, collections and provenance come from ``self.row_cache``
+            (kept in step with the changelog; row_cache.py) and the vectors are the index's
+            exact copies, which equal the store's for rows written at or before
+            ``applied_seq``. When the index has no exact copy of every candidate, or one was
+            written after ``applied_seq``, everything is read from the store as without it.
 
         Returns
         -------
@@ -245,27 +303,31 @@ class StoreReader:
             The live ones that hold an embedding of the store's model, in the given order.
         """
         keys = _check_keys(row_keys)
-        rows = self._execute(
-            "SELECT i.row_key, i.item_id, i.collection, i.patient_pseudonym, "
-            "i.study_pseudonym, i.source_document, e.vector FROM items i "
-            "JOIN embeddings e ON e.row_key = i.row_key AND e.model = ? "
-            "WHERE i.row_key IN (SELECT value FROM json_each(?))",
-            (self.model, json.dumps(keys.tolist())))
+        if index_vectors is not None:
+            got = self._candidates_from_index(keys, index_vectors)
+            if got is not None:
+                return got
+        rows = self._execute(_CANDIDATE_SQL, (self.model, json.dumps(keys.tolist())))
         by_key = {r[0]: r for r in rows}
         found = [(pos, by_key[k]) for pos, k in enumerate(keys.tolist()) if k in by_key]
-        dims = {len(r[6]) for _, r in found}
+        dims = {len(r[-1]) for _, r in found}
         if len(dims) > 1:
             raise ValueError(f"row_keys mix embeddings of several dims {sorted(dims)}")
         d = dims.pop() // 4 if dims else 0
-        cols = list(zip(*(r for _, r in found))) if found else [()] * 7
-        embs = np.frombuffer(b"".join(cols[6]), dtype="<f4")
-        return Candidates(
-            row_keys=np.array(cols[0], dtype=np.int64),
-            positions=np.array([pos for pos, _ in found], dtype=np.int64),
-            ids=list(cols[1]), collections=list(cols[2]),
-            provenance={"patient": list(cols[3]), "study": list(cols[4]),
-                        "document": list(cols[5])},
-            embeddings=embs.astype(np.float32).reshape(len(found), d))
+        embs = np.frombuffer(b"".join(r[-1] for _, r in found), dtype="<f4")
+        return _candidates(found, embs.astype(np.float32).reshape(len(found), d))
+
+    def _candidates_from_index(self, keys: np.ndarray, index_vectors: IndexVectors
+                               ) -> Candidates | None:
+        """``candidates`` through ``self.row_cache`` with the vectors from the index; None
+        when the index cannot give them all (``candidates``' docstring)."""
+        cached = self.row_cache.rows(self._con_here(), keys)
+        vectors = rows_with_vectors(cached, index_vectors)
+        if vectors is None:
+            return None
+        return Candidates(cached.row_keys, cached.positions, cached.ids, cached.collections,
+                          cached.provenance, np.asarray(vectors, dtype=np.float32),
+                          cached.groups)
 
     def candidate_items(self, row_keys: np.ndarray) -> tuple[Candidates, dict[int, ItemRecord]]:
         """``candidates`` and the same rows' records, in ONE read.
@@ -308,7 +370,8 @@ class StoreReader:
         return cands, {k: rec for (k, _), rec in zip(cache_keys, recs)}
 
     def children(
-        self, parent_ids: Sequence[str], collection: str, region: str | None = None
+        self, parent_ids: Sequence[str], collection: str, region: str | None = None, *,
+        cached: bool = False,
     ) -> dict[str, list[ChildRow]]:
         """Children (chunks, regions) of the given parents in ``collection``.
 
@@ -320,6 +383,9 @@ class StoreReader:
             The children's collection, e.g. "region" or "chunk".
         region : str, optional
             Keep only children with this region name.
+        cached : bool
+            Through ``self.row_cache`` (kept in step with the changelog; row_cache.py):
+            what the search pipeline reads for every candidate of every query.
 
         Returns
         -------
@@ -328,6 +394,11 @@ class StoreReader:
         """
         if isinstance(parent_ids, str):
             raise TypeError("parent_ids must be a sequence of str, got a str")
+        if cached:
+            got = self.row_cache.children(self._con_here(), list(parent_ids), collection,
+                                          region, lambda need: self.children(need, collection,
+                                                                             region))
+            return {pid: [ChildRow._make(kid) for kid in kids] for pid, kids in got.items()}
         # unary + keeps SQLite off the (collection, seq) index: the parent_id index is the
         # selective one (a scan of every row of the collection otherwise)
         where = "i.parent_id IN (SELECT value FROM json_each(?)) AND +i.collection = ?"

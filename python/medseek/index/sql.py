@@ -12,7 +12,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from .records import ITEM_COLUMNS, ITEM_FIELDS, STORED_FIELDS, StoredItem, record_from_row, str_list
+from .records import (ITEM_COLUMNS, ITEM_FIELDS, STORED_FIELDS, ItemRecord, StoredItem,
+                      record_from_row, str_list)
 
 #: ``SELECT`` list of a ``StoredItem`` row: the record, the stored fields, then the vector.
 _STORED_COLUMNS = ", ".join(STORED_FIELDS)
@@ -52,11 +53,14 @@ def select_items(where: str, with_embedding: bool) -> str:
     return f"SELECT {ITEM_COLUMNS}, {_STORED_COLUMNS}, {vector} FROM items WHERE {where}"
 
 
-def stored_item(row: Sequence) -> StoredItem:
-    """A row of ``select_items`` as a ``StoredItem`` (embedding None when NULL)."""
+def stored_item(row: Sequence, record: ItemRecord | None = None) -> StoredItem:
+    """A row of ``select_items`` as a ``StoredItem`` (embedding None when NULL); ``record``,
+    when given, is the row's record already built (a reader's cache)."""
     blob = row[_N_STORED]
     emb = None if blob is None else np.frombuffer(blob, dtype="<f4").astype(np.float32)
-    return StoredItem(record_from_row(row[:_N_RECORD]), *row[_N_RECORD:_N_STORED], embedding=emb)
+    if record is None:
+        record = record_from_row(row[:_N_RECORD])
+    return StoredItem(record, *row[_N_RECORD:_N_STORED], embedding=emb)
 
 
 def filter_where(collection: str, modality=None, body_part=None, view=None, labels_any=None,

@@ -46,7 +46,7 @@ from ._checks import (as_float_array, check_count, check_finite_float, check_uni
                       check_unit_rows)
 
 __all__ = ["DEFAULT_CAPS", "DUP_CEILING", "Diversified", "Skip", "calibrate_dup_threshold",
-           "diversify", "pairwise_cosine_quantile"]
+           "diversify", "diversify_checked", "group_codes", "pairwise_cosine_quantile"]
 
 #: Default provenance caps: one hit per patient and per study, two per source document.
 DEFAULT_CAPS: Mapping[str, int] = {"patient": 1, "study": 1, "document": 2}
@@ -126,14 +126,38 @@ def calibrate_dup_threshold(threshold: float, pair_quantile: float | None,
     return max(threshold, min(check_finite_float("pair_quantile", pair_quantile), ceiling))
 
 
+def group_codes(values: Sequence[str | None]) -> np.ndarray:
+    """Provenance values -> int64 group codes: equal values share a code, None is -1 (no
+    group). What :func:`diversify` accepts in place of the values, e.g. coded once for a
+    batch of queries whose candidates overlap.
+
+    Raises TypeError when a value is neither a str nor None."""
+    if isinstance(values, str) or not isinstance(values, (Sequence, np.ndarray)):
+        raise TypeError(f"values must be a sequence of str or None, got {type(values).__name__}")
+    seen: dict = {None: -1}
+    # one dict lookup per value; the values are checked once per distinct value below
+    codes = np.fromiter((seen.setdefault(v, len(seen) - 1) for v in values), np.int64,
+                        len(values))
+    bad = next((v for v in seen if v is not None and not isinstance(v, str)), None)
+    if bad is not None:
+        raise TypeError(f"values must be str or None, got {bad!r}")
+    return codes
+
+
 def _group_codes(name: str, values: object, n: int) -> np.ndarray:
-    """Provenance values -> int group codes, -1 for None (no group)."""
+    """Provenance values -> int group codes, -1 for None (no group); an int array is taken
+    as codes already."""
     if isinstance(values, str) or not isinstance(values, (Sequence, np.ndarray)):
         raise TypeError(f"provenance[{name!r}] must be a sequence of str or None, "
                         f"got {type(values).__name__}")
     if len(values) != n:
         raise ValueError(f"provenance[{name!r}] must have {n} entries (one per candidate), "
                          f"got {len(values)}")
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
+        if values.ndim != 1 or (values.size and values.min() < -1):
+            raise ValueError(f"provenance[{name!r}] as group codes must be 1-D ints >= -1, "
+                             f"got shape {values.shape}")
+        return values.astype(np.int64, copy=False)
     codes = np.full(n, -1, dtype=np.int64)
     seen: dict[str, int] = {}
     for i, v in enumerate(values):
@@ -173,7 +197,8 @@ def diversify(
     embs : np.ndarray, float32 or float64, shape (K, d)
         L2-normalised candidate embeddings (the diversity term is their cosine).
     provenance : mapping of str to sequence of (str or None), each of length K, optional
-        E.g. ``{"patient": [...], "study": [...], "document": [...]}`` pseudonyms.
+        E.g. ``{"patient": [...], "study": [...], "document": [...]}`` pseudonyms; an int
+        array in place of a sequence is taken as its :func:`group_codes`.
     k : int >= 1
     lam : float in [0, 1]
         1 = relevance only, 0 = diversity only.
@@ -207,10 +232,37 @@ def diversify(
     provenance = dict(provenance or {})
     limits = _check_caps(caps, provenance)
     codes = {key: _group_codes(key, provenance[key], n) for key in limits}
+    return _greedy_mmr(rel, e, codes, limits, k, lam, dup_threshold, relax_caps)
+
+
+def diversify_checked(
+    scores: np.ndarray, embs: np.ndarray, groups: Mapping[str, np.ndarray], k: int,
+    lam: float, caps: Mapping[str, int | None] | None, dup_threshold: float | None, *,
+    relax_caps: bool = False,
+) -> Diversified:
+    """:func:`diversify` for inputs the caller has already checked, e.g. the search
+    pipeline's: finite float64 ``scores`` (K,), unit float32 ``embs`` (K, d) from the
+    store or its index (checked when written), provenance as int64 :func:`group_codes`
+    (K,) per key, ``k``, ``lam`` and ``dup_threshold`` in range (``SearchConfig`` and
+    ``QueryOptions`` check them). Only the caps are checked against ``groups``; the
+    result is :func:`diversify`'s on the same inputs, without re-checking 200 x d
+    floats per query."""
+    limits = _check_caps(caps, groups)
+    return _greedy_mmr(scores, embs, dict(groups), limits, k, lam, dup_threshold, relax_caps)
+
+
+def _greedy_mmr(rel: np.ndarray, e: np.ndarray, codes: dict[str, np.ndarray],
+                limits: dict[str, int], k: int, lam: float, dup_threshold: float | None,
+                relax_caps: bool) -> Diversified:
+    """The greedy MMR selection of :func:`diversify` on checked inputs: ``rel`` float64
+    (n,), ``e`` (n, d) unit rows, ``codes[key]`` int64 (n,) for each capped key."""
+    n = rel.shape[0]
     counts = {key: np.zeros(int(codes[key].max(initial=-1)) + 1, dtype=np.int64)
               for key in limits}
-
-    gram = e @ e.T  # (K, K) cosines, computed once: K is a few hundred
+    # cosines in float64, one row per pick: k rows of (K,), not the K x K Gram matrix
+    # (200 x 200 x d multiply-adds per query, of which greedy MMR reads k rows)
+    e64 = e.astype(np.float64)
+    lam_rel, w = lam * rel, 1.0 - lam  # mmr = lam * rel - (1 - lam) * max_sim
     eligible = np.ones(n, dtype=bool)
     max_sim = np.zeros(n)  # diversity term; replaced by the first pick's cosines
     selected: list[int] = []
@@ -218,32 +270,35 @@ def diversify(
     relaxed: list[bool] = []
     skipped: dict[int, Skip] = {}
 
+    def exclude(hit: np.ndarray, why: Skip) -> None:
+        """Make the eligible candidates of mask ``hit`` ineligible, for ``why``."""
+        hit &= eligible
+        if hit.any():
+            eligible[hit] = False
+            for j in np.flatnonzero(hit).tolist():
+                skipped[j] = why
+
     def pick(use_caps: bool) -> None:
         nonlocal max_sim
         while len(selected) < k and eligible.any():
-            mmr = lam * rel - (1.0 - lam) * max_sim
-            mmr[~eligible] = -np.inf
+            mmr = np.where(eligible, lam_rel - w * max_sim, -np.inf)
             i = int(np.argmax(mmr))  # first maximum: ties go to the lower index
             selected.append(i)
             mmr_values.append(float(mmr[i]))
             relaxed.append(not use_caps)
             eligible[i] = False
             skipped.pop(i, None)
-            sims = gram[i].astype(np.float64)
+            sims = e64 @ e64[i]  # (K,)
             max_sim = sims if len(selected) == 1 else np.maximum(max_sim, sims)
             if dup_threshold is not None:
-                for j in np.flatnonzero(eligible & (sims >= dup_threshold)):
-                    skipped[int(j)] = Skip("near_duplicate", i)
-                    eligible[j] = False
+                exclude(sims >= dup_threshold, Skip("near_duplicate", i))
             for key, cap in limits.items():
                 g = codes[key][i]
                 if g < 0:
                     continue
                 counts[key][g] += 1
                 if use_caps and counts[key][g] >= cap:
-                    for j in np.flatnonzero(eligible & (codes[key] == g)):
-                        skipped[int(j)] = Skip(f"cap:{key}", i)
-                        eligible[j] = False
+                    exclude(codes[key] == g, Skip(f"cap:{key}", i))
 
     pick(use_caps=True)
     if relax_caps and len(selected) < k:
@@ -252,7 +307,7 @@ def diversify(
             if not s.reason.startswith("cap:"):
                 continue
             # it was ineligible while later picks were made: check it against all of them
-            sims = gram[j, chosen]
+            sims = e64[chosen] @ e64[j]
             if dup_threshold is not None and sims.max() >= dup_threshold:
                 skipped[j] = Skip("near_duplicate", int(chosen[np.argmax(sims)]))
             else:

@@ -7,9 +7,13 @@ embeddings; the truth):
 1. *filter*: metadata filters become the ``allowed`` row keys of the ANN search
    (``Store.filter_row_keys``); nothing is over-fetched and filtered afterwards.
 2. *ann*: exact or approximate top-K' by cosine in the collection's index.
-3. *fetch*: the candidates' ids, provenance and embeddings from the store (full records
-   are read for the final hits only); row keys the index still holds but the store no
-   longer does (deleted, not yet caught up) are dropped and counted as ``stale``.
+3. *fetch*: the candidates' ids, provenance and embeddings (full records are read for
+   the final hits only); row keys the index still holds but the store no longer does
+   (deleted, not yet caught up) are dropped and counted as ``stale``. With K' > k the
+   ids and provenance come from the reader's ``RowCache`` (kept in step with the store's
+   changelog, so no per-candidate store read once warm) and the vectors from the index's
+   exact copies (flat, HNSW) for rows it has caught up with; otherwise (IVF-PQ, Milvus,
+   a candidate written after the index's seq) from one store read.
 4. *rerank* (with a ``RegionQuery``): region children of the candidates (collection
    ``region_collection``, same ``parent_id``, same region name) give the region
    embedding; a region child with a ``z_range`` whose parent has chunk children
@@ -30,12 +34,14 @@ defaults, so one pipeline serves every MMR weight and nothing is cached per opti
 Stages hand each other named records (stages.py). A batch of queries runs in two steps,
 which a server may put on different threads:
 ``ann`` (filter + ANN, once for the batch, under the index's lock) and ``finish`` (the
-rest, with ONE store read per batch for the candidates, one for their region children and
-one for the hits' records; when every candidate is a hit (K' = k, the plain search) the
-candidates' read brings their records too, so a plain batch reads the store once). The
-explanations of all hits of a batch are scored together (one concept scoring of the
-queries, one of the hits), so their cost follows the hits explained. ``search`` is
-``ann`` then ``finish``.
+rest, with at most ONE store read per batch for the candidates, one for their region
+children (through the ``RowCache`` too) and one for the hits' records; when every
+candidate is a hit (K' = k, the plain search) the candidates' read brings their records
+too, so a plain batch reads the store once). What does not depend on the query is done
+once per batch: the candidates' provenance group codes, the region embedding each
+candidate stands for (``RegionTable``). The explanations of all hits of a batch are
+scored together (one concept scoring of the queries, one of the hits), so their cost
+follows the hits explained. ``search`` is ``ann`` then ``finish``.
 
 Per-stage wall times (seconds) come back in ``SearchResult.timings``; the filter, ANN,
 store-read and explain stages of a batch run once, and each result reports the batch's
@@ -44,21 +50,22 @@ time for them.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .diversify import calibrate_dup_threshold, pairwise_cosine_quantile
-from .diversify import diversify as diversify_candidates
+from .diversify import (calibrate_dup_threshold, diversify_checked, group_codes,
+                        pairwise_cosine_quantile)
 from .explain import ConceptBank, explain_pairs
 from .query import QueryOptions, RegionQuery, SearchConfig, SearchFilters
 from .rerank import mix_region_scores, region_similarity
-from .stages import (AnnBatch, Hit, QueryCandidates, Ranking, RegionStage, SearchResult,
-                     region_embeddings)
+from .stages import (AnnBatch, Hit, QueryCandidates, Ranking, RegionStage, RegionTable,
+                     SearchResult, region_embeddings)
 
 if TYPE_CHECKING:  # annotations only: importing the catalog imports faiss
     from medseek.index.catalog import Catalog
@@ -197,16 +204,18 @@ class SearchPipeline:
         t = time.perf_counter()
         valid = batch.keys >= 0
         records = None
+        keys = np.unique(batch.keys[valid])  # sorted by row key
         if opts.k_prime <= opts.k:
-            cands, records = self.reader.candidate_items(np.unique(batch.keys[valid]))
-        else:
-            cands = self.reader.candidates(np.unique(batch.keys[valid]))  # sorted by row key
+            cands, records = self.reader.candidate_items(keys)
+        else:  # the candidates' vectors from the index where it holds them exactly
+            cands = self.reader.candidates(keys, index_vectors=functools.partial(
+                self.catalog.stored_vectors, collection))
+        table = _CandidateTable.of(cands, collection, groups=opts.diversify)
         # an index scoring from compressed codes (IVF-PQ, Milvus PQ/SQ) is re-scored exactly
         # from the store's vectors, which the candidates carry anyway
         rescore = not getattr(self.catalog.index(collection), "scores_exact", True)
-        per_query = [_query_candidates(cands, collection, batch.keys[qi][valid[qi]],
-                                       batch.scores[qi][valid[qi]],
-                                       queries[qi] if rescore else None)
+        per_query = [table.query(batch.keys[qi][valid[qi]], batch.scores[qi][valid[qi]],
+                                 queries[qi] if rescore else None)
                      for qi in range(n_q)]
         shared_fetch = time.perf_counter() - t
         # rerank: one read for the region (and chunk) children of every live candidate
@@ -214,12 +223,15 @@ class SearchPipeline:
         stages: list[RegionStage | None] = [None] * n_q
         if region is not None:
             parents = list(dict.fromkeys(i for c in per_query if c is not None for i in c.ids))
-            regions = self.reader.children(parents, self.config.region_collection, region.name)
+            regions = self.reader.children(parents, self.config.region_collection, region.name,
+                                           cached=True)
             with_z = [pid for pid, rows in regions.items()
                       if any(r.z_range is not None for r in rows)]
-            chunks = self.reader.children(with_z, self.config.chunk_collection) if with_z else {}
+            chunks = (self.reader.children(with_z, self.config.chunk_collection, cached=True)
+                      if with_z else {})
             e = region.embedding
-            stages = [RegionStage(region.name, e if e.ndim == 1 else e[qi], regions, chunks)
+            regions_table = RegionTable.build(region.name, table.cands.ids, regions, chunks)
+            stages = [RegionStage(region.name, e if e.ndim == 1 else e[qi], regions_table)
                       for qi in range(n_q)]
         shared_rerank = time.perf_counter() - t
         t = time.perf_counter()
@@ -323,7 +335,7 @@ class SearchPipeline:
         region_sims = np.full(n, np.nan)
         region_ids: list[str | None] = [None] * n
         if region is not None:
-            region_embs, region_ids = region_embeddings(c.ids, region)
+            region_embs, region_ids = region_embeddings(c.batch_rows, region)
             region_sims = region_similarity(region.embedding, region_embs)
             ranked = mix_region_scores(region_sims, c.global_scores, cfg.rerank_alpha,
                                        cfg.missing_region_penalty)
@@ -336,10 +348,12 @@ class SearchPipeline:
         relaxed = np.zeros(min(k, order.size), dtype=bool)
         shortfall = 0
         if opts.diversify:
-            ordered_prov = {key: [c.provenance[key][i] for i in order] for key in cfg.caps}
-            div = diversify_candidates(
-                ranked[order], c.embeddings[order], ordered_prov, k, opts.mmr_lambda, cfg.caps,
-                dup_threshold, relax_caps=cfg.relax_caps)
+            # checked already: unit vectors of the store or index, finite scores, the
+            # options by QueryOptions
+            div = diversify_checked(
+                ranked[order], c.embeddings[order],
+                {key: codes[order] for key, codes in c.groups.items()}, k, opts.mmr_lambda,
+                cfg.caps, dup_threshold, relax_caps=cfg.relax_caps)
             picks, relaxed = order[div.selected], div.relaxed
             for j, why in sorted(div.skipped.items()):
                 skipped.append((c.ids[order[j]], f"{why.reason} of {c.ids[order[why.by]]}"))
@@ -352,35 +366,57 @@ class SearchPipeline:
         return Ranking(picks, ranked, region_sims, region_ids, relaxed, skipped, shortfall)
 
 
-def _query_candidates(cands: Candidates, collection: str, keys: np.ndarray,
-                      scores: np.ndarray, rescore_with: np.ndarray | None = None,
-                      ) -> QueryCandidates | None:
-    """One query's live candidates out of the batch's read, in the ANN's order; None when
-    none is live. With ``rescore_with`` (the query vector), the global scores are the exact
-    cosines of the stored embeddings instead of the index's, and the candidates are put in
-    their order."""
-    found = cands.row_keys
-    at = np.searchsorted(found, keys)
-    hit = at < found.size
-    hit[hit] = found[at[hit]] == keys[hit]
-    rows = at[hit]  # rows of cands, in the ANN's order
-    live = np.fromiter((cands.collections[r] == collection for r in rows.tolist()),
-                       dtype=bool, count=rows.size)
-    stale = int(keys.size) - int(live.sum())
-    if not live.any():
-        return None
-    rows = rows[live]
-    global_scores = scores[np.flatnonzero(hit)[live]].astype(np.float64)  # (K',)
-    if rescore_with is not None:
-        global_scores = cands.embeddings[rows].astype(np.float64) @ rescore_with.astype(np.float64)
-        order = np.argsort(-global_scores, kind="stable")
-        rows, global_scores = rows[order], global_scores[order]
-    rl = rows.tolist()
-    return QueryCandidates(
-        ids=[cands.ids[r] for r in rl],
-        provenance={key: [values[r] for r in rl] for key, values in cands.provenance.items()},
-        row_keys=cands.row_keys[rows], embeddings=cands.embeddings[rows],
-        global_scores=global_scores, stale=stale)
+@dataclass(frozen=True)
+class _CandidateTable:
+    """A batch's candidates (one store read, sorted by row key) prepared once for every
+    query of the batch: which are live in the searched collection, their ids, and the
+    group codes of their provenance (equal within the batch, so caps compare them)."""
+
+    cands: Candidates
+    live: np.ndarray  # bool (n,): in the searched collection
+    ids: np.ndarray  # object (n,)
+    groups: dict[str, np.ndarray]  # key -> int64 (n,)
+
+    @classmethod
+    def of(cls, cands: Candidates, collection: str, groups: bool = True) -> _CandidateTable:
+        """``cands`` prepared for ``collection``'s queries; ``groups``: code the provenance
+        (only diversification's caps need it)."""
+        ids = np.empty(len(cands.ids), dtype=object)
+        ids[:] = cands.ids
+        live = np.fromiter((c == collection for c in cands.collections), bool,
+                           len(cands.collections))
+        coded = {} if not groups else cands.groups if cands.groups is not None else {
+            key: group_codes(values) for key, values in cands.provenance.items()}
+        return cls(cands, live, ids, coded)
+
+    def query(self, keys: np.ndarray, scores: np.ndarray,
+              rescore_with: np.ndarray | None = None) -> QueryCandidates | None:
+        """One query's live candidates, in the ANN's order; None when none is live. With
+        ``rescore_with`` (the query vector), the global scores are the exact cosines of the
+        stored embeddings instead of the index's, and the candidates are put in their
+        order."""
+        found = self.cands.row_keys
+        at = np.searchsorted(found, keys)
+        hit = at < found.size
+        hit[hit] = found[at[hit]] == keys[hit]
+        rows = at[hit]  # rows of cands, in the ANN's order
+        live = self.live[rows]
+        stale = int(keys.size) - int(live.sum())
+        if not live.any():
+            return None
+        rows = rows[live]
+        global_scores = scores[np.flatnonzero(hit)[live]].astype(np.float64)  # (K',)
+        embeddings = self.cands.embeddings
+        if rescore_with is not None:
+            global_scores = (embeddings[rows].astype(np.float64)
+                             @ rescore_with.astype(np.float64))
+            order = np.argsort(-global_scores, kind="stable")
+            rows, global_scores = rows[order], global_scores[order]
+        return QueryCandidates(
+            ids=self.ids[rows].tolist(),
+            groups={key: codes[rows] for key, codes in self.groups.items()},
+            row_keys=found[rows], embeddings=embeddings[rows],
+            global_scores=global_scores, batch_rows=rows, stale=stale)
 
 
 def _hits(c: QueryCandidates, r: Ranking, explanations: list, region: RegionQuery | None,

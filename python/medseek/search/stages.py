@@ -3,8 +3,8 @@
 ``AnnBatch`` (filter + ANN of a batch) -> ``QueryCandidates`` (one query's live
 candidates, read from the store) -> ``Ranking`` (rerank and diversify of that query; the
 batch's hits are explained together) -> ``SearchResult`` of ``Hit``. ``RegionStage`` is
-what the region rerank of one query needs: its region embedding and the batch's region
-and chunk children.
+what the region rerank of one query needs: its region embedding and the batch's
+``RegionTable`` (the region embeddings of every candidate of the batch, resolved once).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from .explain import ConceptMatch
 from .query import QueryOptions
 from .rerank import organ_embedding
 
-__all__ = ["AnnBatch", "Hit", "QueryCandidates", "Ranking", "RegionStage", "SearchResult",
-           "region_embeddings"]
+__all__ = ["AnnBatch", "Hit", "QueryCandidates", "Ranking", "RegionStage", "RegionTable",
+           "SearchResult", "region_embeddings"]
 
 
 @dataclass(frozen=True)
@@ -154,42 +154,96 @@ class QueryCandidates:
     Attributes
     ----------
     ids : list of str, length n
-    provenance : dict of str to list of (str or None)
-        "patient", "study", "document" pseudonyms of each (never logged).
+    groups : dict of str to np.ndarray, int64, shape (n,)
+        "patient", "study", "document": the group code of each candidate's pseudonym
+        (``diversify.group_codes``, coded once for the batch; -1: none), which is all the
+        provenance caps need; the pseudonyms themselves stay in the store. Empty when the
+        query is not diversified.
     row_keys : np.ndarray, int64, shape (n,)
     embeddings : np.ndarray, float32, shape (n, d)
     global_scores : np.ndarray, float64, shape (n,)
         First-stage cosines.
+    batch_rows : np.ndarray, int64, shape (n,)
+        Each candidate's position in the batch's read (what ``RegionTable`` indexes).
     stale : int
         Row keys of this query the store no longer holds in the collection.
     """
 
     ids: list[str]
-    provenance: dict[str, list[str | None]] = field(repr=False)
+    groups: dict[str, np.ndarray] = field(repr=False)
     row_keys: np.ndarray = field(repr=False)
     embeddings: np.ndarray = field(repr=False)
     global_scores: np.ndarray = field(repr=False)
+    batch_rows: np.ndarray = field(repr=False)
     stale: int = 0
 
 
 @dataclass(frozen=True)
+class RegionTable:
+    """The region embeddings of a batch's candidates, resolved once for the batch.
+
+    Attributes
+    ----------
+    vectors : np.ndarray, float32, shape (m, d_r)
+        The embedding each usable region child stands for (``child_vector``: its chunks'
+        organ embedding, else its own); the same for every query of the batch. The rows
+        of one candidate are contiguous, in the children's row-key order.
+    child_ids : np.ndarray, object, shape (m,)
+    starts, counts : np.ndarray, int64, shape (c,)
+        Per candidate of the batch's read (its position there): its first row of
+        ``vectors`` and how many it has (0: no usable region child).
+    """
+
+    vectors: np.ndarray = field(repr=False)
+    child_ids: np.ndarray = field(repr=False)
+    starts: np.ndarray = field(repr=False)
+    counts: np.ndarray = field(repr=False)
+
+    @classmethod
+    def build(cls, name: str, parents: Sequence[str], regions: dict[str, list[ChildRow]],
+              chunks: dict[str, list[ChildRow]]) -> RegionTable:
+        """From the batch's candidates (``parents``: their ids, in the batch read's order)
+        and their region children of ``name`` and chunk children (parent id -> children,
+        as ``StoreReader.children`` reads them)."""
+        vecs, child_ids = [], []
+        starts = np.zeros(len(parents), dtype=np.int64)
+        counts = np.zeros(len(parents), dtype=np.int64)
+        for p, pid in enumerate(parents):
+            kids = regions.get(pid)
+            if not kids:
+                continue
+            starts[p] = len(vecs)
+            for child in kids:
+                vec = child_vector(child, chunks.get(pid, ()))
+                if vec is not None:
+                    vecs.append(vec)
+                    child_ids.append(child.id)
+            counts[p] = len(vecs) - starts[p]
+        dims = sorted({v.shape[0] for v in vecs})
+        if len(dims) > 1:
+            raise ValueError(f"the region embeddings of {name!r} mix dims {dims}")
+        vectors = np.stack(vecs) if vecs else np.empty((0, 0), np.float32)
+        ids = np.empty(len(child_ids), dtype=object)
+        ids[:] = child_ids
+        return cls(vectors, ids, starts, counts)
+
+
+@dataclass(frozen=True)
 class RegionStage:
-    """The region rerank of one query: its region and the batch's children.
+    """The region rerank of one query: its region and the batch's region table.
 
     Attributes
     ----------
     name : str
     embedding : np.ndarray, float32, shape (d_r,)
         This query's region embedding.
-    regions, chunks : dict of str to list of ChildRow
-        Parent id -> its region children of ``name`` / its chunk children (read once for
-        the batch; chunks only of parents whose region children have a z-range).
+    table : RegionTable
+        The region embeddings of the batch's candidates (read and resolved once).
     """
 
     name: str
     embedding: np.ndarray = field(repr=False)
-    regions: dict[str, list[ChildRow]] = field(repr=False)
-    chunks: dict[str, list[ChildRow]] = field(repr=False)
+    table: RegionTable = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -223,37 +277,35 @@ class Ranking:
     shortfall: int = 0
 
 
-def region_embeddings(ids: list[str], region: RegionStage) -> tuple[np.ndarray, list[str | None]]:
+def region_embeddings(rows: np.ndarray, region: RegionStage
+                      ) -> tuple[np.ndarray, list[str | None]]:
     """Best-matching region embedding of each candidate (NaN row if it has none), and the
-    id of the region child it came from; several crops of one region: the best counts."""
-    query, name = region.embedding, region.name
-    d = query.shape[0]
-    owners, vecs, child_ids = [], [], []
-    for i, pid in enumerate(ids):
-        for child in region.regions.get(pid, ()):
-            vec = child_vector(child, region.chunks.get(pid, ()))
-            if vec is None:
-                continue
-            if vec.shape != (d,):
-                raise ValueError(f"region.embedding has dim {d} but the region embeddings "
-                                 f"of {name!r} have dim {vec.shape[0]}")
-            owners.append(i)
-            vecs.append(vec)
-            child_ids.append(child.id)
-    out = np.full((len(ids), d), np.nan, dtype=np.float32)
-    matched: list[str | None] = [None] * len(ids)
-    if vecs:
-        stacked = np.stack(vecs)  # (m, d): every usable child of every candidate
+    id of the region child it came from; several crops of one region: the best counts.
+
+    ``rows`` (int (n,)): the candidates' positions in the batch's read, which index
+    ``region.table``."""
+    query, name, table = region.embedding, region.name, region.table
+    d, n = query.shape[0], rows.shape[0]
+    counts = table.counts[rows]  # usable children per candidate
+    owners = np.repeat(np.arange(n), counts)  # candidate by candidate, in child order
+    first = np.cumsum(counts) - counts
+    kids = np.repeat(table.starts[rows] - first, counts) + np.arange(owners.size)
+    out = np.full((n, d), np.nan, dtype=np.float32)
+    matched = np.full(n, None, dtype=object)
+    if kids.size:
+        if table.vectors.shape[1] != d:
+            raise ValueError(f"region.embedding has dim {d} but the region embeddings "
+                             f"of {name!r} have dim {table.vectors.shape[1]}")
+        stacked = table.vectors[kids]  # (m, d): every usable child of every candidate
         sims = stacked.astype(np.float64) @ query.astype(np.float64)  # (m,)
         # best child per candidate: the first of each owner in descending-cosine order
         # (stable, so equal cosines keep row-key order)
         by_sim = np.argsort(-sims, kind="stable")
-        owner_of = np.asarray(owners)[by_sim]
-        _, first = np.unique(owner_of, return_index=True)
-        for j in by_sim[first]:
-            out[owners[j]] = stacked[j]
-            matched[owners[j]] = child_ids[j]
-    return out, matched
+        _, first_of = np.unique(owners[by_sim], return_index=True)
+        best = by_sim[first_of]
+        out[owners[best]] = stacked[best]
+        matched[owners[best]] = table.child_ids[kids[best]]
+    return out, matched.tolist()
 
 
 def child_vector(child: ChildRow, chunks: Sequence[ChildRow]) -> np.ndarray | None:
