@@ -109,8 +109,8 @@ def test_image_only_rows_do_not_enter_the_contrastive_term(train_ds):
     with torch.no_grad():
         _, parts_m = combine_losses(model, moved, batch, cfg)
     assert parts_m == pytest.approx(parts, rel=1e-6)
-    with pytest.raises(ValueError, match="w_region"):
-        combine_losses(model, emb, batch, LossConfig(w_region=1.0))
+    with pytest.raises(ValueError, match="w_organ"):
+        combine_losses(model, emb, batch, LossConfig(w_organ=1.0))
     with pytest.raises(ValueError, match="w_finding_unpaired"):
         LossConfig(w_finding_unpaired=-1.0)
 
@@ -183,6 +183,87 @@ def test_unpaired_recipe_is_the_retrieval_recipe_plus_unpaired_evidence():
     un = load_recipe("retrieval-cxr-unpaired").to_dict()
     assert un["unpaired"]["pairs_kept"] == 0.1 and base["unpaired"]["pairs_kept"] == 1.0
     assert un["loss"]["w_finding_unpaired"] > 0 and base["loss"]["w_finding_unpaired"] == 0
+    for d in (base, un):
+        d.pop("unpaired"), d.pop("name"), d["loss"].pop("w_finding_unpaired")
+    assert un == base
+
+
+# ------------------------------------------------------------------ wrist: region terms
+
+
+@pytest.fixture(scope="module")
+def wrist_ds(tmp_path_factory):
+    from medseek.data.synth.wrist import build_synth_wrist
+
+    out = tmp_path_factory.mktemp("synth-wrist")
+    build_synth_wrist(out, n=16, seed=0, size=64, progress=False)
+    torch.manual_seed(0)
+    from medseek.models.factory import create_model
+
+    return PairDataset.from_manifest(out, create_model("wrist-tiny").cfg, "train")
+
+
+def test_wrist_unpaired_items_lose_their_region_captions(wrist_ds):
+    """Region captions are report sentences: only paired items keep them; an image-only
+    item's evidence comes from its labels, "distal radius fracture" giving ``fracture``."""
+    from medseek.text.concepts import concept_names
+
+    names = concept_names()
+    ds = up.apply_unpaired(wrist_ds, up.UnpairedConfig(pairs_kept=0.3, seed=1))
+    roles = ds.roles()
+    fractured_image_only = 0
+    for i, role in enumerate(roles):
+        item = ds[i]
+        rec = ds.records[i]
+        if role == up.PAIRED:
+            assert all(item["captions"]) and len(item["captions"]) == 3
+            continue
+        assert item["captions"] == ["", "", ""]
+        if role == up.IMAGE_ONLY:
+            assert item["sentences"] == () and item["report"] == ""
+            fractured = any(lab.endswith("fracture") for lab in rec.labels)
+            found = {names[j] for j in np.flatnonzero(item["findings"])}
+            assert found == ({"fracture"} if fractured else {"normal"}), (rec.labels, found)
+            fractured_image_only += fractured
+    assert fractured_image_only > 0
+    # without named regions the label evidence is item_findings' own (synth-cxr unchanged)
+    assert up.label_evidence(("distal radius fracture",))[names.index("normal")] == 1.0
+
+
+def test_region_terms_read_the_pairs_regions_only(wrist_ds):
+    from medseek.models.factory import create_model
+
+    torch.manual_seed(0)
+    model = create_model("wrist-tiny", finding_head=True).eval()
+    ds = up.apply_unpaired(wrist_ds, up.UnpairedConfig(pairs_kept=0.3, seed=1))
+    roles = ds.roles()
+    paired = [int(i) for i in np.flatnonzero(roles == up.PAIRED)[:3]]
+    pick = paired + [int(i) for i in np.flatnonzero(roles != up.PAIRED)[:4]]
+    tok = load_tokenizer(model.cfg.text.max_length)
+    cfg = LossConfig(w_region=0.5, w_region_finding=1.0, w_finding=1.0, w_finding_unpaired=1.0)
+    batch = collate([ds[i] for i in pick], tok, ds.text_ids)
+    only = collate([ds[i] for i in paired], tok, ds.text_ids)
+    with torch.no_grad():
+        _, parts = combine_losses(model, encode_batch(model, batch, cfg), batch, cfg)
+        _, parts_p = combine_losses(model, encode_batch(model, only, cfg), only,
+                                    LossConfig(w_region=0.5, w_region_finding=1.0, w_finding=1.0))
+    assert {"region", "region_finding", "finding_unpaired"} <= set(parts)
+    assert parts["region"] == pytest.approx(parts_p["region"], rel=1e-5)
+    assert parts["region_finding"] == pytest.approx(parts_p["region_finding"], rel=1e-5)
+    # an unpaired row that still carries a caption is refused, not silently aligned
+    leaked = dict(batch, region_valid=batch["region_valid"].clone())
+    leaked["region_valid"][len(paired)] = True
+    with pytest.raises(ValueError, match="region caption"):
+        combine_losses(model, encode_batch(model, batch, cfg), leaked, cfg)
+
+
+def test_wrist_unpaired_recipe_is_the_wrist_recipe_plus_unpaired_evidence():
+    from medseek.train.recipe import load_recipe
+
+    base = load_recipe("retrieval-wrist").to_dict()
+    un = load_recipe("retrieval-wrist-unpaired").to_dict()
+    assert un["unpaired"]["pairs_kept"] == 0.1 and un["loss"]["w_finding_unpaired"] > 0
+    assert un["loss"]["w_region"] > 0 and un["loss"]["w_region_finding"] > 0
     for d in (base, un):
         d.pop("unpaired"), d.pop("name"), d["loss"].pop("w_finding_unpaired")
     assert un == base

@@ -261,10 +261,9 @@ def combine_losses(model, emb: dict[str, torch.Tensor], batch: dict, cfg: LossCo
     findings = gather(batch["findings"]) if "findings" in batch else None
     pairing = gather(batch["pairing"]) if batch.get("pairing") is not None else None
     if pairing is not None:  # unpaired evidence alignment: only the pairs are pairs
-        if cfg.w_region > 0 or cfg.w_organ > 0 or cfg.w_region_finding > 0:
-            raise ValueError("a batch with 'pairing' (unpaired training) supports the global, gap, "
-                             "finding and pheno terms only; set w_region, w_organ, w_region_finding to 0")
-        from .unpaired import PAIRED, unpaired_finding_loss
+        from .unpaired import PAIRED, check_unpaired_regions, unpaired_finding_loss
+
+        check_unpaired_regions(batch, cfg)
 
         if cfg.w_finding_unpaired > 0:
             parts["finding_unpaired"] = unpaired_finding_loss(model, vis, txt, findings, pairing)

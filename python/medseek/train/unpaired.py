@@ -12,7 +12,8 @@ Here the evidence space is the finding vector of :mod:`medseek.text.concepts` (t
 * a **paired** item keeps its image, its report and :func:`~medseek.train.data.
   item_findings` (the contrastive term and the two-sided finding BCE, as before);
 * an **image-only** item keeps its image; its report text is dropped (``""``) and its
-  targets are its manifest labels mapped to findings (``item_findings("", labels)``);
+  targets are its manifest labels mapped to findings (:func:`label_evidence`:
+  ``item_findings("", labels)``, plus ``fracture`` from ``"distal radius fracture"``);
 * a **report-only** item keeps its report; its image is replaced by zeros and its
   targets come from an *extractor* ``extract(report) -> (F,) 0/1 vector``. The default
   ``"rules"`` is the rule-based negation-aware extraction standing in for the paper's
@@ -27,6 +28,12 @@ recoverable). Each batch carries a ``pairing`` code per row (:data:`PAIRED`,
 feeds only the paired rows to the contrastive, gap and paired finding terms, and the
 image side of image-only rows plus the text side of report-only rows to the
 ``finding_unpaired`` term (weight ``LossConfig.w_finding_unpaired``).
+
+Region captions (WristMIR's bone sentences) are sentences of the report, so only paired
+items keep them: an image-only item has no report, and a report-only item's zero image
+has nothing in its boxes. The region terms (``w_region``, ``w_region_finding``) then see
+the pairs' regions only (the collate drops uncaptioned regions);
+:func:`check_unpaired_regions` refuses a batch where an unpaired row still carries one.
 """
 
 from __future__ import annotations
@@ -163,15 +170,17 @@ class UnpairedDataset:
         return self._items[j]
 
     def __getitem__(self, i: int) -> dict:
-        from .data import item_findings
-
         j, role = self.slots[i]
         item = dict(self._base_item(j))
         item["pairing"] = role
+        if role != PAIRED and "captions" in item:  # region captions are report sentences
+            item["captions"] = [""] * len(item["captions"])
         if role == IMAGE_ONLY:
             # the report is never seen: evidence from the manifest labels alone
             item["report"] = ""
-            item["findings"] = item_findings("", self.base.records[j].labels)
+            item["sentences"] = ()
+            item["findings"] = label_evidence(self.base.records[j].labels,
+                                              self.base.model_cfg.preprocess.regions)
         elif role == REPORT_ONLY:
             if "image" not in item:
                 raise ValueError("unpaired training supports image datasets only (report-only items "
@@ -180,6 +189,30 @@ class UnpairedDataset:
             item["findings"] = _checked(self.extract(item["report"]), item["findings"].shape)
             item["id"] = f"report-only:{self.base.records[j].study_id or item['id']}"
         return item
+
+
+def label_evidence(labels: tuple[str, ...], regions: tuple[str, ...] = ()) -> np.ndarray:
+    """The evidence of an image-only item: its labels as findings
+    (:func:`~medseek.train.data.item_findings` with no report), where a label
+    ``"<region> <finding>"`` of a named region (``preprocess.regions``, WristMIR's
+    ``"distal radius fracture"``) also gives ``<finding>``. Without that, a fractured wrist
+    named no lexicon finding and was taught ``normal``."""
+    from medseek.text.concepts import concept_names
+    from medseek.text.phenotypes import finding_for_label
+
+    from .data import item_findings
+
+    row = item_findings("", labels)
+    prefixes = tuple(f"{r.replace('_', ' ').lower()} " for r in regions)
+    index = {n: j for j, n in enumerate(concept_names())}
+    for lab in labels:
+        low = lab.lower()
+        for p in prefixes:
+            finding = finding_for_label(low[len(p):]) if low.startswith(p) else None
+            if finding is not None:
+                row[index[finding]] = 1.0
+                row[index["normal"]] = 0.0
+    return row
 
 
 def _checked(vec, shape: tuple[int, ...]) -> np.ndarray:
@@ -208,6 +241,24 @@ def apply_unpaired(ds, cfg: UnpairedConfig, extract: Extractor | None = None):
     slots = [(j, PAIRED) for _ in range(repeat) for j in split.paired]
     slots += [(j, IMAGE_ONLY) for j in split.image_only] + [(j, REPORT_ONLY) for j in split.report_only]
     return UnpairedDataset(ds, split, tuple(slots), extract)
+
+
+def check_unpaired_regions(batch: dict, cfg) -> None:
+    """Refuse region/organ terms that would read an unpaired row (module doc): organ
+    terms always (volumes are not supported), region terms when an image-only or
+    report-only row of ``batch`` carries a region caption."""
+    if cfg.w_organ > 0:
+        raise ValueError("unpaired training supports image datasets only; set w_organ to 0")
+    if cfg.w_region <= 0 and cfg.w_region_finding <= 0:
+        return
+    valid = batch.get("region_valid")
+    if valid is None:
+        return
+    unpaired = batch["pairing"] != PAIRED
+    if bool(valid[unpaired].any()):
+        raise ValueError("an unpaired row (image-only or report-only) carries a region caption: "
+                         "the w_region / w_region_finding terms would align it; only paired items "
+                         "may keep their captions (UnpairedDataset drops them)")
 
 
 def unpaired_finding_loss(model, vis: torch.Tensor, txt: torch.Tensor, findings: torch.Tensor,
