@@ -22,7 +22,8 @@ Per release:
   server's region rerank by that bone's box (the trained region pathway). Vote thresholds
   are the in-process ones (0.5, and those fitted on val);
 * chest-ct: test volumes ingested; every report, then every abnormal organ sentence,
-  queries them (own volume in the top 5).
+  queries them (report: its own volume in the top 5; organ sentence: any volume holding
+  its findings at that site).
 
 The two columns must agree within their confidence intervals::
 
@@ -182,10 +183,12 @@ def _plain(req):
 
 
 def volume_rows(args, test, local, site) -> tuple[list[str], dict]:
-    """chest-ct: report -> volume and organ sentence -> volume recall@5 through the API."""
+    """chest-ct: report -> volume and organ sentence -> volume recall@5 through the API
+    (an organ sentence's hit: any volume holding its findings at that site, as
+    ``organ_sentence_queries`` defines it in process)."""
     from medseek.demo_service import ingest
     from medseek.serve.v1 import retrieval_pb2 as pb
-    from medseek.train.ablation import _cluster_mean_ci, _normal_sentences, _patients
+    from medseek.train.ablation import _cluster_mean_ci, _patients, organ_sentence_queries
 
     corpus = Path(args.data)
     recs = list(test.records)
@@ -202,16 +205,16 @@ def volume_rows(args, test, local, site) -> tuple[list[str], dict]:
     served = {"t2i_recall@5": _cluster_mean_ci(recall_at_5(reports, [r.id for r in recs]), pid,
                                                args.n_boot, 0)}
     rows = [_row("report->volume R@5", local["t2i_recall@5"], served["t2i_recall@5"])]
-    normal = _normal_sentences(test)
-    organ = [(i, reg.text) for i, r in enumerate(recs) for reg in r.regions
-             if reg.text and reg.text not in normal]
-    if organ:
+    q_rows, q_text, relevant = organ_sentence_queries(test)
+    if q_text:
         resp = search_all(site, [pb.SearchRequest(text=t, k=args.k, collection="volume",
-                                                  diversify=False) for _, t in organ],
+                                                  diversify=False) for t in q_text],
                           "organ sentence->volume")
-        rows_i = np.array([i for i, _ in organ])
-        served["organ2v_recall@5"] = _cluster_mean_ci(
-            recall_at_5(resp, [recs[i].id for i in rows_i]), pid[rows_i], args.n_boot, 0)
+        ids = [r.id for r in recs]
+        hit = np.array([float(any(relevant[q, ids.index(h.id)] for h in list(r.hits)[:5]
+                                  if h.id in ids)) for q, r in enumerate(resp)])
+        rows_i = np.asarray(q_rows)
+        served["organ2v_recall@5"] = _cluster_mean_ci(hit, pid[rows_i], args.n_boot, 0)
         rows.append(_row("organ sentence->volume R@5", local["organ2v_recall@5"],
                          served["organ2v_recall@5"]))
     return rows, served

@@ -318,24 +318,18 @@ def evaluate_split(model, ds, tokenizer, labels: dict, *, text_cache=None, devic
     for j, k in enumerate(kk):
         out[f"t2i_recall@{k}"] = _cluster_mean_ci(hits[:, j], pid[first], n_boot, seed)
 
-    if model.modality == "volume":  # abnormal organ sentence -> its volume
-        normal = _normal_sentences(ds)
-        q_rows, q_text = [], []
-        out["organ2v_queries"] = 0
-        for i, r in enumerate(ds.records):
-            for reg in r.regions:
-                if reg.text and reg.text not in normal:
-                    q_rows.append(i)
-                    q_text.append(reg.text)
+    if model.modality == "volume":  # abnormal organ sentence -> volumes that show it
+        q_rows, q_text, relevant = organ_sentence_queries(ds)
+        out["organ2v_queries"] = len(q_text)
         if q_text:
             qe = encode_texts(model, q_text, tokenizer, device, text_cache=text_cache)
             so = qe @ v.T
-            pos = np.zeros_like(so, dtype=bool)
-            pos[np.arange(len(q_rows)), q_rows] = True
-            oh = hits_at_k(so, pos, kk)
+            oh = hits_at_k(so, relevant, kk)
+            own = hits_at_k(so, np.asarray(q_rows), kk)
             for j, k in enumerate(kk):
                 out[f"organ2v_recall@{k}"] = _cluster_mean_ci(oh[:, j], pid[q_rows], n_boot, seed)
-            out["organ2v_queries"] = len(q_text)
+                out[f"organ2v_chance@{k}"] = float(np.mean(chance_hit_at_k(relevant.sum(1), len(ds), k)))
+                out[f"organ2v_own_recall@{k}"] = _cluster_mean_ci(own[:, j], pid[q_rows], n_boot, seed)
 
     if getattr(model, "finding_head", None) is not None:
         out["explanations@10"] = explanation_quality(model, v, s, ds)
@@ -380,13 +374,57 @@ def evaluate_split(model, ds, tokenizer, labels: dict, *, text_cache=None, devic
     return to_json(out)
 
 
-def _normal_sentences(ds) -> set[str]:
-    """Organ sentences that occur in at least 3 volumes: the stock normal phrasings
-    (abnormal sentences name sizes and sites, so they are nearly unique)."""
+def organ_sentence_queries(ds) -> tuple[list[int], list[str], np.ndarray]:
+    """The organ-sentence→volume queries of a volume split: ``(rows, texts, relevant)``,
+    one query per volume and organ whose sentence reports a finding, ``relevant`` a
+    ``(Q, len(ds))`` bool matrix.
+
+    With the synth-ct finding list in every record's ``meta["findings"]``, a volume is
+    relevant to a sentence when it holds every finding the sentence names at the same
+    site (lobe, side, organ): "Heart: Cardiomegaly." is answered by every volume with
+    cardiomegaly, not only by the one whose report it came from, and sizes are not
+    asked to match (a 7 mm nodule in the right upper lobe answers "an 8 mm nodule in
+    the right upper lobe"). Without that list, relevance falls back to the sentence's
+    own volume and "abnormal" to a sentence that is not a stock phrasing (used in at
+    most two volumes).
+    """
+    from medseek.data.synth.ct import REPORT_ORGAN_OF
+
+    if all(isinstance((r.meta or {}).get("findings"), list) for r in ds.records):
+        sites = [{(f["name"], f["organ"]) for f in r.meta["findings"]} for r in ds.records]
+        rows, texts, keys = [], [], []
+        for i, r in enumerate(ds.records):
+            by_organ = {reg.name: reg.text for reg in r.regions if reg.text}
+            for organ in dict.fromkeys(REPORT_ORGAN_OF[f["name"]] for f in r.meta["findings"]):
+                if organ not in by_organ:
+                    raise ValueError(f"volume {r.id} reports a finding in {organ!r} but has no "
+                                     f"{organ!r} region sentence")
+                rows.append(i)
+                texts.append(by_organ[organ])
+                keys.append({(f["name"], f["organ"]) for f in r.meta["findings"]
+                             if REPORT_ORGAN_OF[f["name"]] == organ})
+        relevant = np.array([[key <= s for s in sites] for key in keys], dtype=bool)
+        return rows, texts, relevant.reshape(len(keys), len(ds))
     from collections import Counter
 
-    c = Counter(reg.text for r in ds.records for reg in r.regions if reg.text)
-    return {s for s, k in c.items() if k >= 3}
+    volumes = Counter(t for r in ds.records for t in {reg.text for reg in r.regions if reg.text})
+    pairs = dict.fromkeys((i, reg.text) for i, r in enumerate(ds.records) for reg in r.regions
+                          if reg.text and volumes[reg.text] <= 2)
+    rows = [i for i, _ in pairs]
+    relevant = np.zeros((len(rows), len(ds)), dtype=bool)
+    relevant[np.arange(len(rows)), rows] = True
+    return rows, [t for _, t in pairs], relevant
+
+
+def chance_hit_at_k(n_relevant: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Probability that a random ranking of ``n`` items puts at least one of
+    ``n_relevant`` (per query) in its top ``k``: ``1 − C(n − r, k) / C(n, k)``."""
+    r = np.asarray(n_relevant, dtype=np.int64)
+    if r.ndim != 1 or (r < 0).any() or (r > n).any() or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= n_relevant <= n and 1 <= k <= n, got n={n}, k={k}, "
+                         f"n_relevant range {r.min() if r.size else None}..{r.max() if r.size else None}")
+    miss = np.array([math.comb(n - x, k) / math.comb(n, k) for x in r], dtype=np.float64)
+    return 1.0 - miss
 
 
 # ---------------------------------------------------------------------------- running

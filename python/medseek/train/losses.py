@@ -36,6 +36,14 @@ Terms (each weighted by :class:`LossConfig`; a weight of 0 skips the term entire
   whole reports say; zero-shot prompts are single sentences, often negated, which
   reports rarely are on their own. The ``normal`` axis is left out: a sentence cannot
   say a study is normal.
+* ``organ_volume``: each organ sentence of the batch that asserts a lexicon finding
+  ("Heart: Cardiomegaly.") against the batch's *whole-volume* embeddings, the space an
+  organ-sentence query searches (:func:`organ_volume_loss`). The ``organ`` term aligns a
+  sentence with the chunks over its organ only, and mostly with normal sentences
+  (five or six of a volume's seven); this term asks the volume embedding to answer
+  abnormal sentences. Soft targets as PRIMA's: every volume of the batch that has all
+  the sentence's findings is a positive, its own volume always. Computed per process
+  (sentences index their volumes locally).
 * ``pheno``: PhenoLIP's teacher-guided distillation of an ontology-derived phenotype
   space (:mod:`medseek.train.pheno`, formula there).
 * ``gap``: the modality-gap-closing term. The modality-gap seed ("the modality gap is
@@ -92,6 +100,9 @@ class LossConfig:
     # the finding BCE on each distinct report sentence's text embedding against that
     # sentence's own (negation-aware) findings, normal axis excluded (sentence_finding_loss)
     w_sentence_finding: float = 0.0
+    # abnormal organ sentence ↔ whole-volume embeddings with finding-aware soft targets
+    # (organ_volume_loss; volumes only)
+    w_organ_volume: float = 0.0
 
     def __post_init__(self) -> None:
         if self.contrastive not in CONTRASTIVE:
@@ -99,7 +110,8 @@ class LossConfig:
         if self.soft_labels and self.contrastive != "clip":
             raise ValueError("soft_labels needs contrastive='clip' (the sigmoid loss has no soft targets)")
         for name in ("w_global", "w_region", "w_organ", "w_gap", "gap_uniformity", "w_finding",
-                     "w_region_finding", "w_pheno", "w_finding_unpaired", "w_sentence_finding"):
+                     "w_region_finding", "w_pheno", "w_finding_unpaired", "w_sentence_finding",
+                     "w_organ_volume"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
@@ -189,6 +201,39 @@ def sentence_finding_loss(model, txt: torch.Tensor, findings: torch.Tensor) -> t
     return torch.nn.functional.binary_cross_entropy_with_logits(logits, findings[:, keep].to(logits.dtype))
 
 
+def organ_volume_loss(sent: torch.Tensor, owner: torch.Tensor, sent_findings: torch.Tensor,
+                      vis: torch.Tensor, vis_findings: torch.Tensor,
+                      scale: torch.Tensor) -> torch.Tensor:
+    """Soft-target InfoNCE of organ sentences ``sent`` (M, D) over volumes ``vis`` (B, D).
+
+    ``owner`` (M,) is each sentence's volume row; ``sent_findings`` (M, F) and
+    ``vis_findings`` (B, F) are 0/1 over :func:`medseek.text.concepts.concept_names`.
+    Only sentences asserting a finding other than ``normal`` take part (a normal
+    phrasing fits most volumes and names none); their target spreads evenly over their
+    own volume and every volume holding all their findings. Returns a 0-d tensor (0
+    with a gradient when no sentence takes part)."""
+    from medseek.text.concepts import NORMAL_AXIS, concept_names
+
+    m, b = sent.shape[0], vis.shape[0]
+    if owner.shape != (m,) or sent_findings.shape[0] != m or vis_findings.shape[0] != b:
+        raise ValueError(f"need sent (M, D), owner (M,), sent_findings (M, F), vis (B, D), "
+                         f"vis_findings (B, F); got {tuple(sent.shape)}, {tuple(owner.shape)}, "
+                         f"{tuple(sent_findings.shape)}, {tuple(vis.shape)}, {tuple(vis_findings.shape)}")
+    if m and (owner.min() < 0 or owner.max() >= b):
+        raise ValueError(f"owner rows must be in [0, {b}), got {owner.min()}..{owner.max()}")
+    keep = [j for j, n in enumerate(concept_names()) if n != NORMAL_AXIS]
+    sf, vf = sent_findings[:, keep] > 0, vis_findings[:, keep] > 0
+    asserts = sf.any(1)
+    if not bool(asserts.any()):
+        return vis.sum() * 0.0
+    sf, owner, sent = sf[asserts], owner[asserts], sent[asserts]
+    target = (~sf[:, None, :] | vf[None, :, :]).all(-1).float()  # (M', B) volume has them all
+    target[torch.arange(len(owner)), owner] = 1.0
+    target = target / target.sum(1, keepdim=True)
+    logits = scale * (sent.float() @ vis.float().T)
+    return -(target * torch.log_softmax(logits, dim=1)).sum(1).mean()
+
+
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -233,6 +278,16 @@ def encode_batch(model, batch: dict, cfg: LossConfig) -> dict[str, torch.Tensor]
 
     grouped, mask = group_chunks(chunks, batch["chunk_counts"])
     out["visual"] = model.visual_head(model.visual.pool_chunks(grouped, mask))
+    if getattr(cfg, "w_organ_volume", 0.0) > 0 and batch["organs"]:
+        # a sentence can sit on several regions of its volume (organ and finding): once each
+        first: dict[tuple[int, int], int] = {}
+        for k, ((b, _, _), g) in enumerate(zip(batch["organs"], batch["organ_group"].tolist())):
+            first.setdefault((b, g if g >= 0 else -1 - k), k)
+        rows = list(first.values())
+        texts = _encode_text(model, batch, "organ_")
+        out["organ_volume_text"] = texts[rows]
+        out["organ_volume_owner"] = torch.tensor([batch["organs"][k][0] for k in rows], dtype=torch.long)
+        out["organ_volume_findings"] = batch["organ_findings"][rows]
     if cfg.w_organ > 0 and batch["organs"]:
         chunk_embs = model.visual_head(chunks)  # (C, D): chunks share the volume space
         starts = torch.cumsum(torch.tensor([0, *batch["chunk_counts"]]), 0).tolist()
@@ -293,6 +348,11 @@ def combine_losses(model, emb: dict[str, torch.Tensor], batch: dict, cfg: LossCo
         sent = gather(emb["sentence_text"])
         if sent.shape[0] > 0:
             parts["sentence_finding"] = sentence_finding_loss(model, sent, gather(batch["sentence_findings"]))
+    if cfg.w_organ_volume > 0 and "organ_volume_text" in emb and findings is not None:
+        # local: the sentences' owner rows index this process's volumes
+        parts["organ_volume"] = organ_volume_loss(emb["organ_volume_text"], emb["organ_volume_owner"],
+                                                  emb["organ_volume_findings"], emb["visual"],
+                                                  batch["findings"], scale)
     if cfg.w_pheno > 0 and has_pairs:
         from .pheno import pheno_loss
 
@@ -300,7 +360,8 @@ def combine_losses(model, emb: dict[str, torch.Tensor], batch: dict, cfg: LossCo
     weights = {"global": cfg.w_global, "region": cfg.w_region, "organ": cfg.w_organ,
                "gap": cfg.w_gap, "finding": cfg.w_finding, "region_finding": cfg.w_region_finding,
                "pheno": cfg.w_pheno, "finding_unpaired": cfg.w_finding_unpaired,
-               "sentence_finding": cfg.w_sentence_finding}
+               "sentence_finding": cfg.w_sentence_finding,
+               "organ_volume": cfg.w_organ_volume}
     if not parts:
         raise ValueError("no loss term is active: every weight is 0 or its inputs are missing")
     total = sum(weights[k] * v for k, v in parts.items())
