@@ -6,7 +6,9 @@ as it is, once with ``MEDSEEK_BENCH_REPEAT=2`` (the measured path does its work 
 the baseline does not). The first run becomes the baseline, so nothing depends on this
 machine's speed or on the committed baseline: only ratios within one run are compared.
 The workload's ratio is about 10x with the pair timed back to back over 15 rounds, so
-load moves it by far less than the 30 % tolerance while the slowdown halves it.
+load moves it by far less than the 30 % tolerance while the slowdown halves it; a run
+whose baseline workload itself ran at another speed is measured again
+(``comparable_run``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,29 @@ def gate(run: Path, baseline: Path, *extra: str) -> subprocess.CompletedProcess:
          str(baseline), *extra], capture_output=True, text=True, timeout=60)
 
 
+def baseline_cpu(run: Path) -> float:
+    """The baseline workload's (scipy's zoom) best CPU time in ``run``."""
+    (bench,) = [b for b in json.loads(run.read_text())["benchmarks"] if b["fullname"] == BENCH]
+    return float(bench["extra_info"]["baseline_cpu_min_s"])
+
+
+def comparable_run(out: Path, repeat: int, reference: float, tries: int = 5) -> Path:
+    """BENCH run with ``repeat``, measured again (at most ``tries`` times in all) while its
+    baseline workload's best CPU time differs from ``reference`` by more than 15 %.
+
+    The same scipy call has been seen to take 5.3 ms of CPU in one process and 8.6 ms in
+    the next on this VM (a per-process effect, not load: the minimum over 15 rounds
+    stays put within a process), which moves the ratio by as much as the slowdown the
+    gate must catch. Such a run compares nothing, so it is measured again; the last try
+    is kept whatever it gives.
+    """
+    for _ in range(tries):
+        run_benchmark(out, repeat)
+        if abs(baseline_cpu(out) / reference - 1.0) <= 0.15:
+            break
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(baseline file, a normal run, a 2x-slowed run) as pytest-benchmark JSON files."""
@@ -63,7 +88,9 @@ def runs(tmp_path_factory):
                            "--write-baseline", str(base), "--tolerance", "0.3"],
                           capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
-    return base, run_benchmark(tmp / "normal.json", 1), run_benchmark(tmp / "slow.json", 2)
+    reference = baseline_cpu(first)
+    return (base, comparable_run(tmp / "normal.json", 1, reference),
+            comparable_run(tmp / "slow.json", 2, reference))
 
 
 def test_gate_passes_a_normal_run(runs):
