@@ -158,15 +158,12 @@ def _group_codes(name: str, values: object, n: int) -> np.ndarray:
             raise ValueError(f"provenance[{name!r}] as group codes must be 1-D ints >= -1, "
                              f"got shape {values.shape}")
         return values.astype(np.int64, copy=False)
-    codes = np.full(n, -1, dtype=np.int64)
-    seen: dict[str, int] = {}
-    for i, v in enumerate(values):
-        if v is None:
-            continue
-        if not isinstance(v, str):
-            raise TypeError(f"provenance[{name!r}][{i}] must be a str or None, got {v!r}")
-        codes[i] = seen.setdefault(v, len(seen))
-    return codes
+    try:
+        return group_codes(values)
+    except TypeError:  # name the bad entry
+        i, v = next((i, v) for i, v in enumerate(values)
+                    if v is not None and not isinstance(v, str))
+        raise TypeError(f"provenance[{name!r}][{i}] must be a str or None, got {v!r}") from None
 
 
 def _check_caps(caps: Mapping[str, int | None] | None, provenance: Mapping) -> dict[str, int]:
