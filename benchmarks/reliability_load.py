@@ -52,15 +52,16 @@ def _timed_lights(address: str, n: int) -> list[float]:
 
 
 def _clients(address: str, kind: str, requests: list, n: int, pace: float, ramp_s: float,
-             duration_s: float) -> tuple[list[float], Counter]:
+             duration_s: float) -> tuple[list[float], Counter, dict[str, str]]:
     """``n`` client threads, each on its own channel, looping over ``requests`` (one per
     ``pace`` seconds on a fixed schedule from a spread-out phase, at once when behind; 0:
-    back to back) for ``ramp_s + duration_s``; the latencies of the OK answers after the
-    ramp-up, and every status code seen."""
+    back to back) for ``ramp_s + duration_s``; the latencies of the OK answers to requests
+    sent after the ramp-up, every status code seen, and one error's details per code."""
     stop, measuring = threading.Event(), threading.Event()
     lock = threading.Lock()
     lat: list[float] = []
     codes: Counter = Counter()
+    details: dict[str, str] = {}  # an example of each error: which budget or queue
 
     def client(i: int) -> None:
         due = time.perf_counter() + pace * ((i * 0.618) % 1.0)
@@ -68,19 +69,24 @@ def _clients(address: str, kind: str, requests: list, n: int, pace: float, ramp_
             j = 0
             while not stop.is_set():
                 if pace:
-                    stop.wait(max(0.0, due - time.perf_counter()))
+                    # stop ends the wait of every paced client at once: sending then would
+                    # be a burst of n requests that no schedule asked for
+                    if stop.wait(max(0.0, due - time.perf_counter())):
+                        break
                     due = max(due + pace, time.perf_counter())
                 req = requests[(i + j) % len(requests)]
+                counted = measuring.is_set()  # sent inside the measured window
                 t0 = time.perf_counter()
                 try:
                     c.search(req, timeout=300)
                     code = "OK"
                 except grpc.RpcError as exc:
                     code = exc.code().name
+                    details.setdefault(f"{kind} {code}", exc.details())
                 dt = time.perf_counter() - t0
                 with lock:
                     codes[f"{kind} {code}"] += 1
-                    if code == "OK" and measuring.is_set():
+                    if code == "OK" and counted:
                         lat.append(dt)
                 j += 1
 
@@ -93,7 +99,7 @@ def _clients(address: str, kind: str, requests: list, n: int, pace: float, ramp_
     stop.set()
     for t in threads:
         t.join(timeout=600)
-    return lat, codes
+    return lat, codes, details
 
 
 def _heavy_process(address: str, serialized: list[bytes], n: int, ramp_s: float,
@@ -129,14 +135,15 @@ def _load_phase(address: str, heavy: list, n_heavy: int, n_light: int,
             heavy_nice, results))
         heavy_proc.start()
     lights = [_light(i) for i in range(len(QUERIES))]
-    light_lat, codes = _clients(address, "light", lights, n_light, light_interval_s, ramp,
+    light_lat, codes, errors = _clients(address, "light", lights, n_light, light_interval_s, ramp,
                                 duration_s)
     lat = {"light": light_lat, "heavy": []}
     if heavy_proc is not None:
-        lat["heavy"], heavy_codes = results.get(timeout=900)
+        lat["heavy"], heavy_codes, heavy_errors = results.get(timeout=900)
         codes.update(heavy_codes)
+        errors.update(heavy_errors)
         heavy_proc.join(timeout=60)
-    out = {"codes": dict(codes)}
+    out = {"codes": dict(codes), "errors": errors}
     for kind, values in lat.items():
         if values:
             out[kind] = {"n": len(values), "p50_ms": float(np.percentile(values, 50)) * 1e3,

@@ -80,23 +80,38 @@ class RetrievalClient:
         PEM roots: connect over TLS.
     max_message_bytes : int
         Largest message sent or received.
+    uploads : str, optional
+        Where image and volume searches go. ``"auto"`` (the
+        default): ask the server once (``Stats.upload_port``) and send it to the server's
+        upload workers if it has them (``medseek serve --upload-workers``), here if not;
+        an address: there; None: always here. An upload worker that cannot be reached
+        (UNAVAILABLE) is not retried: that search goes here.
     """
 
     def __init__(self, address: str, token: str | None = None,
                  root_certificates: bytes | None = None,
-                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
-        options = [("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes)]
-        if root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates)
-            self.channel = grpc.secure_channel(address, creds, options=options)
-        else:
-            self.channel = grpc.insecure_channel(address, options=options)
+                 max_message_bytes: int = 64 * 1024 * 1024, uploads: str | None = "auto") -> None:
+        self._options = [("grpc.max_send_message_length", max_message_bytes),
+                         ("grpc.max_receive_message_length", max_message_bytes)]
+        self._roots = root_certificates
+        self.address = address
+        self.channel = self._open(address)
         self.stub = pb_grpc.RetrievalStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._uploads = uploads
+        self._upload_channel: grpc.Channel | None = None
+        self._upload_stub = None  # resolved on the first image or volume search
+
+    def _open(self, address: str) -> grpc.Channel:
+        if self._roots is not None:
+            return grpc.secure_channel(address, grpc.ssl_channel_credentials(self._roots),
+                                       options=self._options)
+        return grpc.insecure_channel(address, options=self._options)
 
     def close(self) -> None:
         self.channel.close()
+        if self._upload_channel is not None:
+            self._upload_channel.close()
 
     def __enter__(self) -> RetrievalClient:
         return self
@@ -104,14 +119,48 @@ class RetrievalClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def upload_address(self) -> str | None:
+        """Where image and volume searches go (``uploads``); None: this server's port."""
+        if self._uploads != "auto":
+            return self._uploads
+        try:
+            port = self.stats(timeout=10.0).upload_port
+        except grpc.RpcError:  # an older server, or none: upload here
+            return None
+        host, sep, own_port = self.address.rpartition(":")
+        return f"{host}:{port}" if port and sep and own_port.isdigit() else None
+
+    def _upload_target(self):
+        if self._upload_stub is None:
+            target = self.upload_address()
+            if target is None:
+                self._upload_stub = self.stub
+            else:
+                self._upload_channel = self._open(target)
+                self._upload_stub = pb_grpc.RetrievalStub(self._upload_channel)
+        return self._upload_stub
+
     def search(self, request: pb.SearchRequest, timeout: float | None = 30.0) -> pb.SearchResponse:
-        """One search. An image or volume over ``UPLOAD_CHUNK_BYTES`` goes by
-        ``SearchUpload`` in chunks of that size (the proto says why); same answer."""
+        """One search. An image or volume search goes to the server's upload workers if it
+        has them (``uploads``): its decoding is heavy whatever its size (an 8 kB PNG can
+        hold 2048 x 2048 pixels). An upload over ``UPLOAD_CHUNK_BYTES`` goes by
+        ``SearchUpload`` in chunks of that size (the proto says why). Same answer."""
         kind = request.WhichOneof("query")
-        if kind in ("image", "volume") and len(getattr(request, kind)) > UPLOAD_CHUNK_BYTES:
-            return self.stub.SearchUpload(upload_chunks(request), timeout=timeout,
-                                          metadata=self.metadata)
-        return self.stub.Search(request, timeout=timeout, metadata=self.metadata)
+        if kind not in ("image", "volume"):
+            return self.stub.Search(request, timeout=timeout, metadata=self.metadata)
+        stub = self._upload_target()
+        try:
+            return self._content_search(stub, request, kind, timeout)
+        except grpc.RpcError as exc:
+            if stub is self.stub or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+        return self._content_search(self.stub, request, kind, timeout)
+
+    def _content_search(self, stub, request, kind: str, timeout):
+        if len(getattr(request, kind)) > UPLOAD_CHUNK_BYTES:
+            return stub.SearchUpload(upload_chunks(request), timeout=timeout,
+                                     metadata=self.metadata)
+        return stub.Search(request, timeout=timeout, metadata=self.metadata)
 
     def search_stream(self, requests: Iterable[pb.SearchRequest],
                       timeout: float | None = None) -> Iterator[pb.SearchResponse]:

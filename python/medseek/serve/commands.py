@@ -72,6 +72,14 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="server processes sharing the port and the store, each with its own "
                         "index caught up from the store (default: the config's, else 1)")
+    p.add_argument("--upload-workers", type=int, default=None,
+                   help="server processes, at lower priority on --upload-port, that take the "
+                        "heavy uploads (SearchUpload) off the process answering light "
+                        "queries; Stats advertises them to clients (default: the config's, "
+                        "else 0: none)")
+    p.add_argument("--upload-port", type=int, default=None,
+                   help="port of the upload workers, 0 picks a free one (default: the "
+                        "config's, else 0)")
     p.add_argument("--index", choices=("flat", "hnsw", "ivfpq"), default=None,
                    help="FAISS index kind of every collection, with that kind's default "
                         "settings (default: the config's [index] table, else flat); "
@@ -290,6 +298,7 @@ def cmd_serve(args) -> int:
                      port=port, metrics_port=args.metrics_port,
                      report_ranker=args.report_ranker, insecure_public=args.insecure_public,
                      workers=args.workers, auto_regions=args.auto_regions,
+                     upload_workers=args.upload_workers, upload_port=args.upload_port,
                      index=None if args.index is None else FaissConfig(kind=args.index))
     try:
         if config is not None:
@@ -304,21 +313,31 @@ def cmd_serve(args) -> int:
 
     def ready(server, port):
         nonlocal gateway
-        print(f"medseek serving on {cfg.host}:{port}", flush=True)
+        uploads_at = (f"; uploads: {cfg.upload_workers} process(es) on port "
+                      f"{cfg.upload_port}" if cfg.upload_workers else "")
+        print(f"medseek serving on {cfg.host}:{port}{uploads_at}", flush=True)
         gateway = start_for_serve(args, cfg, port)  # --http-port: HTTP/JSON + viewer
         if args.port_file is not None:
             tmp = args.port_file.with_suffix(".tmp")
             tmp.write_text(str(port))
             tmp.replace(args.port_file)
 
+    from .workers import start_upload_workers
+
+    factory = functools.partial(encoder_from_args, args)
+    uploads = None
     try:
+        if cfg.upload_workers:  # first: they may create the store (one process at a time)
+            cfg, uploads = start_upload_workers(cfg, factory)
         if cfg.workers > 1:
-            serve_workers(cfg, functools.partial(encoder_from_args, args), ready)
+            serve_workers(cfg, factory, ready)
         else:
-            serve(cfg, encoder_from_args(args), ready)
+            serve(cfg, factory(), ready)
     finally:
         if gateway is not None:
             gateway.stop()
+        if uploads is not None:
+            uploads.stop()
     return 0
 
 

@@ -311,7 +311,9 @@ class QueryService:
         s = self.store.stats()
         resp = pb.StatsResponse(last_seq=s["last_seq"], model=s["model"],
                                 encode_queue_depth=self.encoding.depth,
-                                search_queue_depth=self.batcher.depth)
+                                search_queue_depth=self.batcher.depth,
+                                upload_port=self.config.upload_port
+                                if self.config.upload_workers else 0)
         for name, dim in s["dims"].items():
             try:
                 indexed, applied = len(self.catalog.index(name)), self.catalog.applied_seq(name)

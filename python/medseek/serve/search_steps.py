@@ -72,7 +72,7 @@ class SearchSteps:
         self.config, self.store, self.catalog = config, store, catalog
         self.pipeline, self.metrics = pipeline, metrics
         self.reader = store.reader()  # item lookups, on the index thread (own connection)
-        self._seen_seq = 0  # workers > 1: the store seq this worker's index has caught up to
+        self._seen_seq = 0  # shares_store: the store seq this index has caught up to
         self._stage_children: dict = {}  # stage name -> its child of metrics.stage
 
     def close(self) -> None:
@@ -110,7 +110,7 @@ class SearchSteps:
         micro-batch, one ANN per collection searched; ``finish`` does the rest on
         a search thread while the next micro-batch's ANN runs."""
         collection, options, region_name = key
-        if self.config.workers > 1:
+        if self.config.shares_store:
             self.catch_up()
         errors: dict[int, Exception] = {}
         ready: dict[int, tuple[BatchQuery, str]] = {  # position -> (query, its collection)
@@ -152,8 +152,8 @@ class SearchSteps:
             raise ing.InvalidField("query", str(exc)) from None
 
     def catch_up(self) -> None:
-        """On the index thread, one of several workers: apply what other workers wrote to
-        the store since this worker's index last looked (one ``last_seq`` read when
+        """On the index thread, one of several processes (``ServeConfig.shares_store``):
+        apply what the others wrote to the store since this process's index last looked (one ``last_seq`` read when
         nothing changed), so a write acknowledged anywhere is found by this search."""
         last = self.store.last_seq()
         if last > self._seen_seq:

@@ -27,18 +27,32 @@ Only worker 0 serves the Prometheus metrics port (the others have none). Each wo
 saves its index at shutdown; the files are written atomically and carry the seq they
 applied, so whichever lands last is a valid start for the next start-up.
 
+``--upload-workers N`` (``start_upload_workers``) uses the same processes for another
+end: N workers on a second port, at lower priority (``upload_nice``), that take the image
+and volume searches. Stats advertises their port and ``RetrievalClient`` sends those
+searches there, so receiving a 21 MB upload, decoding and encoding it hold neither the
+event loop nor the GIL of the process that answers text and item queries, and the
+scheduler gives that process the cores first. Separate lanes inside one process could
+not do that on a small host: gRPC copies every received chunk on the event loop, and
+decoding shares the GIL (RESULTS.md, "Reliability", fifth pass). They share the store and
+catch up like any worker (``ServeConfig.shares_store``).
+
 Past one machine the same split holds: stateless front ends (``medseek serve`` without a
 local store write path) behind a gRPC-aware load balancer, a Milvus cluster as the
 shared index (``index = {kind = "milvus", uri = ...}``) so no front end holds a copy,
-the store moved to a shared database, and Triton replicas per GPU behind the encoder.
+the store moved to a shared database, and Triton replicas per GPU behind the encoder; the
+upload split becomes routing by method at the load balancer (``SearchUpload`` and content
+searches to a pool of their own).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import multiprocessing as mp
 import signal
 import socket
+import threading
 import time
 from dataclasses import replace
 from typing import Callable
@@ -59,11 +73,15 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _worker_main(config: ServeConfig, encoder_factory: Callable, index: int, ready) -> None:
-    """One worker process: build its encoder, serve until SIGTERM/SIGINT."""
+def _worker_main(config: ServeConfig, encoder_factory: Callable, index: int, ready,
+                 nice: int = 0) -> None:
+    """One worker process: lower its priority by ``nice``, build its encoder, serve until
+    SIGTERM/SIGINT."""
     from .server import serve
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops us with SIGTERM
+    if nice:
+        os.nice(nice)  # before any thread starts: they all inherit it
     serve(config, encoder_factory(), lambda server, port: ready.put((index, port)))
 
 
@@ -73,18 +91,32 @@ class WorkerPool:
     Parameters
     ----------
     config : ServeConfig
-        With ``workers >= 2``. Port 0 picks one free port that every worker binds.
+        With ``workers >= 2``, unless ``processes`` is given. Port 0 picks one free port
+        that every worker binds.
     encoder_factory : callable
         Builds a worker's encoder in that worker (picklable: a module-level function or a
         ``functools.partial`` of one).
+    processes : int, optional
+        How many (>= 1); default ``config.workers``. The upload workers
+        (``ServeConfig.upload_workers``) may be one.
+    nice : int
+        Lower each worker's scheduling priority by this much.
+    role : str
+        Names the processes (``medseek-<role>-<i>``) and the log lines.
     """
 
-    def __init__(self, config: ServeConfig, encoder_factory: Callable) -> None:
-        if config.workers < 2:
+    def __init__(self, config: ServeConfig, encoder_factory: Callable,
+                 processes: int | None = None, nice: int = 0, role: str = "worker") -> None:
+        if processes is None and config.workers < 2:
             raise ValueError(f"a WorkerPool needs workers >= 2, got {config.workers}")
+        self.processes = config.workers if processes is None else processes
+        if self.processes < 1:
+            raise ValueError(f"a WorkerPool needs processes >= 1, got {self.processes}")
         port = config.port or free_port(config.host)
         self.config = replace(config, port=port)
         self.encoder_factory = encoder_factory
+        self.nice, self.role = nice, role
+        self._closed = False  # stop() was called: watch() restarts nothing
         self._ctx = mp.get_context("spawn")  # no forked copies of threads or open SQLite
         self._ready = self._ctx.Queue()
         self._procs: dict[int, mp.Process] = {}
@@ -99,9 +131,9 @@ class WorkerPool:
         return self.config if index == 0 else replace(self.config, metrics_port=None)
 
     def _spawn(self, index: int, timeout: float) -> None:
-        proc = self._ctx.Process(target=_worker_main, name=f"medseek-worker-{index}",
+        proc = self._ctx.Process(target=_worker_main, name=f"medseek-{self.role}-{index}",
                                  args=(self._worker_config(index), self.encoder_factory, index,
-                                       self._ready), daemon=False)
+                                       self._ready, self.nice), daemon=False)
         proc.start()
         self._procs[index] = proc
         deadline = time.monotonic() + timeout
@@ -123,13 +155,13 @@ class WorkerPool:
         """Worker 0 first (it may migrate or create the store and build the indexes and
         saves nothing the others need), then the rest, each once it is serving."""
         try:
-            for i in range(self.config.workers):
+            for i in range(self.processes):
                 self._spawn(i, timeout)
         except BaseException:
             self.stop()
             raise
-        log.info("%d workers serving on %s:%d", self.config.workers, self.config.host,
-                 self.port)
+        log.info("%d %s processes serving on %s:%d", self.processes, self.role,
+                 self.config.host, self.port)
 
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs.values()]
@@ -138,9 +170,9 @@ class WorkerPool:
               timeout: float = 300.0) -> None:
         """Until ``stop()`` is true: restart a worker that died, unless they keep dying
         (then stop them all and raise)."""
-        while not stop():
+        while not (stop() or self._closed):
             for i, proc in list(self._procs.items()):
-                if proc.is_alive():
+                if proc.is_alive() or self._closed:
                     continue
                 now = time.monotonic()
                 self._deaths = [t for t in self._deaths if now - t < _RESTART_WINDOW_S] + [now]
@@ -148,12 +180,14 @@ class WorkerPool:
                     self.stop()
                     raise RuntimeError(f"{len(self._deaths)} workers died within "
                                        f"{_RESTART_WINDOW_S:.0f} s; giving up")
-                log.warning("worker %d exited with status %s; restarting it", i, proc.exitcode)
+                log.warning("%s %d exited with status %s; restarting it", self.role, i,
+                            proc.exitcode)
                 self._spawn(i, timeout)
             time.sleep(poll_s)
 
     def stop(self, grace: float | None = None) -> None:
         """SIGTERM every worker (each stops gracefully and saves its index), then wait."""
+        self._closed = True
         grace = self.config.grace_s if grace is None else grace
         for proc in self._procs.values():
             if proc.is_alive():
@@ -171,3 +205,30 @@ class WorkerPool:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def start_upload_workers(cfg, encoder_factory):
+    """``--upload-workers N``: N worker processes on ``cfg.upload_port`` (a free one for
+    0) at ``cfg.upload_nice``, started, then watched from a thread (one that dies is
+    restarted). Returns the config with the port filled in (Stats advertises it) and the
+    pool (``stop()`` it)."""
+    cfg = replace(cfg, upload_port=cfg.upload_port or free_port(cfg.host))
+    # upload_port 0: a worker advertises none (it is where uploads go); upload_workers
+    # kept: other processes write its store (ServeConfig.shares_store)
+    own = replace(cfg, port=cfg.upload_port, workers=cfg.upload_workers, upload_port=0,
+                  metrics_port=None)
+    pool = WorkerPool(own, encoder_factory, processes=cfg.upload_workers,
+                      nice=cfg.upload_nice, role="upload")
+    pool.start()
+    threading.Thread(target=_watch, args=(pool,), name="medseek-upload-watch",
+                     daemon=True).start()
+    return cfg, pool
+
+
+def _watch(pool) -> None:
+    """``pool.watch`` until ``pool.stop()``; if it gives up, the main server goes on
+    (uploads sent to the advertised port then fail, and clients send them here)."""
+    try:
+        pool.watch(lambda: False)
+    except RuntimeError as exc:
+        log.error("upload workers: %s", exc)
