@@ -17,7 +17,12 @@ One case again (its number and the run's ``--seed`` fix it)::
 
 Targets (long tier): 0 crashes, 0 hangs, 0 INTERNAL over >= 10,000 cases; 0 acked items
 lost over 20 SIGKILL trials; 0 PHI; light p99 under a 64-client heavy/light mix <= 3x its
-unloaded p99 (reported, not asserted).
+unloaded p99 (reported, not asserted). The overload as RESULTS.md reports it (light
+clients at one query per 0.5 s each, the ONNX Runtime towers, image and volume searches in
+an upload worker)::
+
+    python benchmarks/reliability.py --cases 0 --sigkill 0 --overload --overload-seconds 30 \
+        --light-interval 0.5 --overload-encoder onnx --serve-set upload_workers=1
 """
 
 from __future__ import annotations
