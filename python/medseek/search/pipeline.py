@@ -54,22 +54,20 @@ import functools
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .diversify import (calibrate_dup_threshold, diversify_checked, group_codes,
-                        pairwise_cosine_quantile)
+from .diversify import calibrate_dup_threshold, diversify_checked, pairwise_cosine_quantile
 from .explain import ConceptBank, explain_pairs
 from .query import QueryOptions, RegionQuery, SearchConfig, SearchFilters
 from .rerank import mix_region_scores, region_similarity
-from .stages import (AnnBatch, Hit, QueryCandidates, Ranking, RegionStage, RegionTable,
-                     SearchResult, region_embeddings)
+from .stages import (AnnBatch, CandidateTable, Hit, QueryCandidates, Ranking, RegionStage,
+                     RegionTable, SearchResult, region_embeddings, search_result)
 
 if TYPE_CHECKING:  # annotations only: importing the catalog imports faiss
     from medseek.index.catalog import Catalog
-    from medseek.index.reader import Candidates
     from medseek.index.store import Store
 
 __all__ = ["AnnBatch", "Hit", "QueryOptions", "RegionQuery", "SearchConfig", "SearchFilters",
@@ -210,7 +208,7 @@ class SearchPipeline:
         else:  # the candidates' vectors from the index where it holds them exactly
             cands = self.reader.candidates(keys, index_vectors=functools.partial(
                 self.catalog.stored_vectors, collection))
-        table = _CandidateTable.of(cands, collection, groups=opts.diversify)
+        table = CandidateTable.of(cands, collection, groups=opts.diversify)
         # an index scoring from compressed codes (IVF-PQ, Milvus PQ/SQ) is re-scored exactly
         # from the store's vectors, which the candidates carry anyway
         rescore = not getattr(self.catalog.index(collection), "scores_exact", True)
@@ -265,7 +263,7 @@ class SearchPipeline:
                 results.append(SearchResult([], tm, 0, stale=int(valid[qi].sum()),
                                             dup_threshold=dup))
                 continue
-            results.append(_hits(per_query[qi], ranked[qi], explanations[qi], region, records,
+            results.append(search_result(per_query[qi], ranked[qi], explanations[qi], region, records,
                                  tm, dup))
         return results
 
@@ -364,79 +362,3 @@ class SearchPipeline:
             picks = order[:k]
         timings["diversify"] = time.perf_counter() - t
         return Ranking(picks, ranked, region_sims, region_ids, relaxed, skipped, shortfall)
-
-
-@dataclass(frozen=True)
-class _CandidateTable:
-    """A batch's candidates (one store read, sorted by row key) prepared once for every
-    query of the batch: which are live in the searched collection, their ids, and the
-    group codes of their provenance (equal within the batch, so caps compare them)."""
-
-    cands: Candidates
-    live: np.ndarray  # bool (n,): in the searched collection
-    ids: np.ndarray  # object (n,)
-    groups: dict[str, np.ndarray]  # key -> int64 (n,)
-
-    @classmethod
-    def of(cls, cands: Candidates, collection: str, groups: bool = True) -> _CandidateTable:
-        """``cands`` prepared for ``collection``'s queries; ``groups``: code the provenance
-        (only diversification's caps need it)."""
-        ids = np.empty(len(cands.ids), dtype=object)
-        ids[:] = cands.ids
-        live = np.fromiter((c == collection for c in cands.collections), bool,
-                           len(cands.collections))
-        coded = {} if not groups else cands.groups if cands.groups is not None else {
-            key: group_codes(values) for key, values in cands.provenance.items()}
-        return cls(cands, live, ids, coded)
-
-    def query(self, keys: np.ndarray, scores: np.ndarray,
-              rescore_with: np.ndarray | None = None) -> QueryCandidates | None:
-        """One query's live candidates, in the ANN's order; None when none is live. With
-        ``rescore_with`` (the query vector), the global scores are the exact cosines of the
-        stored embeddings instead of the index's, and the candidates are put in their
-        order."""
-        found = self.cands.row_keys
-        at = np.searchsorted(found, keys)
-        hit = at < found.size
-        hit[hit] = found[at[hit]] == keys[hit]
-        rows = at[hit]  # rows of cands, in the ANN's order
-        live = self.live[rows]
-        stale = int(keys.size) - int(live.sum())
-        if not live.any():
-            return None
-        rows = rows[live]
-        global_scores = scores[np.flatnonzero(hit)[live]].astype(np.float64)  # (K',)
-        embeddings = self.cands.embeddings
-        if rescore_with is not None:
-            global_scores = (embeddings[rows].astype(np.float64)
-                             @ rescore_with.astype(np.float64))
-            order = np.argsort(-global_scores, kind="stable")
-            rows, global_scores = rows[order], global_scores[order]
-        return QueryCandidates(
-            ids=self.ids[rows].tolist(),
-            groups={key: codes[rows] for key, codes in self.groups.items()},
-            row_keys=found[rows], embeddings=embeddings[rows],
-            global_scores=global_scores, batch_rows=rows, stale=stale)
-
-
-def _hits(c: QueryCandidates, r: Ranking, explanations: list, region: RegionQuery | None,
-          records: dict, timings: dict[str, float], dup_threshold: float | None) -> SearchResult:
-    """The ``SearchResult`` of one ranked query, with the hits' records (``records``: by
-    row key) and their ``explanations`` (one per pick)."""
-    hits, stale = [], c.stale
-    for n, i in enumerate(r.picks):
-        record = records.get(int(c.row_keys[i]))
-        if record is None:  # deleted between the two reads
-            stale += 1
-            continue
-        has_region = not np.isnan(r.region_sims[i])
-        hits.append(Hit(
-            id=c.ids[i], row_key=int(c.row_keys[i]), score=float(r.scores[i]),
-            global_score=float(c.global_scores[i]),
-            region_score=float(r.region_sims[i]) if has_region else None,
-            record=record,
-            matched_region=region.name if region is not None and has_region else None,
-            region_id=r.region_ids[i], explanation=explanations[n],
-            relaxed=bool(r.relaxed[n])))
-    return SearchResult(hits, timings, len(c.ids), r.skipped, stale, dup_threshold,
-                        r.shortfall)

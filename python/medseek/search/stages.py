@@ -5,6 +5,8 @@ candidates, read from the store) -> ``Ranking`` (rerank and diversify of that qu
 batch's hits are explained together) -> ``SearchResult`` of ``Hit``. ``RegionStage`` is
 what the region rerank of one query needs: its region embedding and the batch's
 ``RegionTable`` (the region embeddings of every candidate of the batch, resolved once).
+``CandidateTable`` is a batch's candidates prepared once for all its queries, and
+``search_result`` builds one query's ``SearchResult`` from its ranking.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medseek.index.reader import ChildRow
+from medseek.index.reader import Candidates, ChildRow
 from medseek.index.records import ItemRecord
 
+from .diversify import group_codes
 from .explain import ConceptMatch
-from .query import QueryOptions
+from .query import QueryOptions, RegionQuery
 from .rerank import organ_embedding
 
 __all__ = ["AnnBatch", "Hit", "QueryCandidates", "Ranking", "RegionStage", "RegionTable",
@@ -320,3 +323,79 @@ def child_vector(child: ChildRow, chunks: Sequence[ChildRow]) -> np.ndarray | No
         if vec is not None:
             return vec
     return child.embedding
+
+
+@dataclass(frozen=True)
+class CandidateTable:
+    """A batch's candidates (one store read, sorted by row key) prepared once for every
+    query of the batch: which are live in the searched collection, their ids, and the
+    group codes of their provenance (equal within the batch, so caps compare them)."""
+
+    cands: Candidates
+    live: np.ndarray  # bool (n,): in the searched collection
+    ids: np.ndarray  # object (n,)
+    groups: dict[str, np.ndarray]  # key -> int64 (n,)
+
+    @classmethod
+    def of(cls, cands: Candidates, collection: str, groups: bool = True) -> CandidateTable:
+        """``cands`` prepared for ``collection``'s queries; ``groups``: code the provenance
+        (only diversification's caps need it)."""
+        ids = np.empty(len(cands.ids), dtype=object)
+        ids[:] = cands.ids
+        live = np.fromiter((c == collection for c in cands.collections), bool,
+                           len(cands.collections))
+        coded = {} if not groups else cands.groups if cands.groups is not None else {
+            key: group_codes(values) for key, values in cands.provenance.items()}
+        return cls(cands, live, ids, coded)
+
+    def query(self, keys: np.ndarray, scores: np.ndarray,
+              rescore_with: np.ndarray | None = None) -> QueryCandidates | None:
+        """One query's live candidates, in the ANN's order; None when none is live. With
+        ``rescore_with`` (the query vector), the global scores are the exact cosines of the
+        stored embeddings instead of the index's, and the candidates are put in their
+        order."""
+        found = self.cands.row_keys
+        at = np.searchsorted(found, keys)
+        hit = at < found.size
+        hit[hit] = found[at[hit]] == keys[hit]
+        rows = at[hit]  # rows of cands, in the ANN's order
+        live = self.live[rows]
+        stale = int(keys.size) - int(live.sum())
+        if not live.any():
+            return None
+        rows = rows[live]
+        global_scores = scores[np.flatnonzero(hit)[live]].astype(np.float64)  # (K',)
+        embeddings = self.cands.embeddings
+        if rescore_with is not None:
+            global_scores = (embeddings[rows].astype(np.float64)
+                             @ rescore_with.astype(np.float64))
+            order = np.argsort(-global_scores, kind="stable")
+            rows, global_scores = rows[order], global_scores[order]
+        return QueryCandidates(
+            ids=self.ids[rows].tolist(),
+            groups={key: codes[rows] for key, codes in self.groups.items()},
+            row_keys=found[rows], embeddings=embeddings[rows],
+            global_scores=global_scores, batch_rows=rows, stale=stale)
+
+
+def search_result(c: QueryCandidates, r: Ranking, explanations: list, region: RegionQuery | None,
+          records: dict, timings: dict[str, float], dup_threshold: float | None) -> SearchResult:
+    """The ``SearchResult`` of one ranked query, with the hits' records (``records``: by
+    row key) and their ``explanations`` (one per pick)."""
+    hits, stale = [], c.stale
+    for n, i in enumerate(r.picks):
+        record = records.get(int(c.row_keys[i]))
+        if record is None:  # deleted between the two reads
+            stale += 1
+            continue
+        has_region = not np.isnan(r.region_sims[i])
+        hits.append(Hit(
+            id=c.ids[i], row_key=int(c.row_keys[i]), score=float(r.scores[i]),
+            global_score=float(c.global_scores[i]),
+            region_score=float(r.region_sims[i]) if has_region else None,
+            record=record,
+            matched_region=region.name if region is not None and has_region else None,
+            region_id=r.region_ids[i], explanation=explanations[n],
+            relaxed=bool(r.relaxed[n])))
+    return SearchResult(hits, timings, len(c.ids), r.skipped, stale, dup_threshold,
+                        r.shortfall)
