@@ -119,7 +119,7 @@ def test_uploads_answered_by_the_workers_equal_the_main_ports_answers(server):
         assert hits and hits[0].id != "img-2"
 
 
-def test_a_killed_upload_worker_is_restarted_and_uploads_meanwhile_go_to_the_main_port(server):
+def test_a_killed_upload_worker_is_restarted_and_uploads_are_answered_meanwhile(server):
     proc, port = server
     image = noise_png(7)
     with RetrievalClient(f"127.0.0.1:{port}") as c:
@@ -132,7 +132,7 @@ def test_a_killed_upload_worker_is_restarted_and_uploads_meanwhile_go_to_the_mai
                 Path(f"/proc/{victim}/cmdline").read_bytes():  # empty once a zombie
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        # the port is closed until the restart: the client answers from the main port
+        # the port is closed until the restart: the client falls back to the main port
         assert c.search(pb.SearchRequest(image=image, k=1)).hits[0].id == "img-7"
     deadline = time.monotonic() + 240
     while True:
