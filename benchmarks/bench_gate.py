@@ -7,7 +7,13 @@ less (most benchmarks here take it in CPU time: see ``paired``). Each benchmark 
 
 * ``ratio``: a float; "faster is higher" unless ``ratio_direction`` says ``"lower"``;
 * ``ratio_vs``: what the baseline is, in words (so a table reader knows what moved);
-* ``ratio_direction``: ``"higher"`` or ``"lower"`` (which way is better).
+* ``ratio_direction``: ``"higher"`` or ``"lower"`` (which way is better);
+* ``baseline_cpu_min_s`` (when the benchmark times its baseline workload itself, as
+  ``paired`` does): that workload's best CPU seconds in this run. The ratio moves with
+  the baseline's own speed as much as with the path's, so ``compare.py`` holds this
+  against the committed value and marks a benchmark whose baseline workload ran at
+  another speed (a scipy upgrade, another CPU, a per-process effect) ``BASELINE MOVED``
+  instead of calling its ratio change a regression or a gain.
 
 ``MEDSEEK_BENCH_REPEAT=N`` (an int >= 1, default 1) makes every measured path run its
 work N times per round, and never the baseline: ``tests/test_benchmark_gate.py`` uses it
@@ -23,6 +29,7 @@ from typing import Any
 
 REPEAT_ENV = "MEDSEEK_BENCH_REPEAT"
 DIRECTIONS = ("higher", "lower")
+BASELINE_CPU_KEY = "baseline_cpu_min_s"  # compare.py reads it under this name
 
 
 def repeat_factor() -> int:
@@ -52,15 +59,21 @@ def measured(run: Callable[[], Any]) -> Callable[[], Any]:
     return repeated
 
 
-def record_ratio(benchmark, ratio: float, vs: str, direction: str = "higher",
-                 **extra: Any) -> None:
-    """Store ``ratio`` (against ``vs``) in ``benchmark.extra_info`` under the gate's keys."""
+def record_ratio(benchmark, ratio: float, vs: str, direction: str = "higher", *,
+                 baseline_cpu_s: float | None = None, **extra: Any) -> None:
+    """Store ``ratio`` (against ``vs``) in ``benchmark.extra_info`` under the gate's keys,
+    with ``baseline_cpu_s`` (the baseline workload's best CPU seconds) when given."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if not ratio > 0 or ratio == float("inf"):
         raise ValueError(f"ratio against {vs} must be a positive finite number, got {ratio}")
-    benchmark.extra_info.update({"ratio": float(ratio), "ratio_vs": vs,
-                                 "ratio_direction": direction, **extra})
+    info = {"ratio": float(ratio), "ratio_vs": vs, "ratio_direction": direction, **extra}
+    if baseline_cpu_s is not None:
+        if not baseline_cpu_s > 0 or baseline_cpu_s == float("inf"):
+            raise ValueError(f"baseline_cpu_s of {vs} must be a positive finite number of "
+                             f"seconds, got {baseline_cpu_s}")
+        info[BASELINE_CPU_KEY] = float(baseline_cpu_s)
+    benchmark.extra_info.update(info)
 
 
 def cpu_and_wall(fn: Callable[[], Any]) -> tuple[Any, float, float]:
@@ -110,7 +123,7 @@ def paired(benchmark, run: Callable[[], Any], baseline: Callable[[], Any], vs: s
                  ratio_wall=min(base_wall[warmup_rounds:]) / stats.stats.min,
                  ratio_median_pairs=_median([b / max(r, 1e-9) for b, r in zip(b_cpu, r_cpu)]),
                  baseline_min_s=min(base_wall[warmup_rounds:]),
-                 baseline_cpu_min_s=min(b_cpu), cpu_min_s=min(r_cpu))
+                 baseline_cpu_s=min(b_cpu), cpu_min_s=min(r_cpu))
     return result
 
 

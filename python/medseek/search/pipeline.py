@@ -263,8 +263,8 @@ class SearchPipeline:
                 results.append(SearchResult([], tm, 0, stale=int(valid[qi].sum()),
                                             dup_threshold=dup))
                 continue
-            results.append(search_result(per_query[qi], ranked[qi], explanations[qi], region, records,
-                                 tm, dup))
+            results.append(search_result(per_query[qi], ranked[qi], explanations[qi], region,
+                                         records, tm, dup))
         return results
 
     def _explain(self, per_query: list[QueryCandidates | None], ranked: list[Ranking | None],
