@@ -242,6 +242,40 @@ def test_cached_children_follow_writes_to_children_and_parents(tmp_path):
     store.close()
 
 
+def test_per_parent_values_are_kept_until_a_write_in_their_collections(tmp_path):
+    rng = np.random.default_rng(6)
+    store = Store(StoreConfig(tmp_path / "s.db"))
+    store.upsert([image(i) for i in range(4)], unit(rng.standard_normal((4, DIM))))
+    store.upsert([ItemRecord(f"r{i}", "region", parent_id=f"img-{i:03d}", region="radius")
+                  for i in (0, 1)], unit(rng.standard_normal((2, DIM))))
+    parents = [f"img-{i:03d}" for i in range(4)]
+    asked: list[list[str]] = []
+
+    def compute(need):  # parent -> how many region children it has (none: absent)
+        asked.append(sorted(need))
+        kids = reader.children(need, "region", "radius", cached=True)
+        return {pid: len(rows) for pid, rows in kids.items()}
+
+    with StoreReader(store) as reader:
+        def values():
+            return reader.per_parent(("n", "radius"), ("region", "chunk"), parents, compute)
+
+        assert values() == {"img-000": 1, "img-001": 1} and asked == [parents]
+        assert values() == {"img-000": 1, "img-001": 1} and len(asked) == 1  # kept
+        store.upsert([image(3)], unit(rng.standard_normal((1, DIM))))  # another collection
+        assert values() == {"img-000": 1, "img-001": 1} and len(asked) == 1
+        store.upsert([ItemRecord("r3", "region", parent_id="img-003", region="radius")],
+                     unit(rng.standard_normal((1, DIM))))
+        assert values() == {"img-000": 1, "img-001": 1, "img-003": 1} and len(asked) == 2
+        store.upsert([ItemRecord("c0", "chunk", parent_id="img-000", z_range=(0, 4))],
+                     unit(rng.standard_normal((1, DIM))))
+        values()
+        assert len(asked) == 3  # a chunk write drops them too
+        store.delete(["r0"])
+        assert values() == {"img-001": 1, "img-003": 1} and asked[-1] == parents
+    store.close()
+
+
 # -- the pipeline ----------------------------------------------------------------------
 @pytest.fixture
 def corpus(tmp_path):
@@ -296,6 +330,8 @@ def test_finish_answers_as_with_every_candidate_read_from_the_store(corpus, monk
             m.setattr(catalog, "stored_vectors", lambda c, k: (None, 0))
             m.setattr(pipe.reader.row_cache, "children",
                       lambda con, ids, coll, name, read: read(ids))
+            m.setattr(pipe.reader.row_cache, "per_parent",  # region vectors resolved anew
+                      lambda con, key, colls, ids, compute: compute(ids))
             return run()
 
     fast = run()
@@ -303,9 +339,12 @@ def test_finish_answers_as_with_every_candidate_read_from_the_store(corpus, monk
     assert fast == from_store()
     assert any(h[3] is not None for r in fast[1] for h in r[:-4])  # regions matched
     assert any(r[-4] for r in fast[0])  # diversification skipped some
-    # writes between searches: a region child and an image rewritten, one image deleted
-    store.upsert([ItemRecord("r1", "region", parent_id="img-001", region="radius")],
-                 unit(rng.standard_normal((1, DIM))))
+    # writes between searches: a region child and an image rewritten, one image deleted;
+    # one rewritten child is the matched region of a hit (its kept region vector goes)
+    hit_id, kid_id = next((h[0], h[4]) for h in fast[1][0][:-4] if h[4] is not None)
+    store.upsert([ItemRecord("r1", "region", parent_id="img-001", region="radius"),
+                  ItemRecord(kid_id, "region", parent_id=hit_id, region="radius")],
+                 unit(rng.standard_normal((2, DIM))))
     store.upsert([dataclasses.replace(image(13), patient_pseudonym="P-other")],
                  embs[13:14])
     store.delete(["img-077"])

@@ -369,6 +369,13 @@ class StoreReader:
             embeddings=embs.astype(np.float32).reshape(len(found), d))
         return cands, {k: rec for (k, _), rec in zip(cache_keys, recs)}
 
+    def per_parent(self, key, collections: tuple[str, ...], parent_ids: Sequence[str],
+                   compute) -> dict:
+        """``RowCache.per_parent`` on this reader's connection: values computed from the
+        children (in ``collections``) of each parent, kept until a write in one of them."""
+        return self.row_cache.per_parent(self._con_here(), key, tuple(collections),
+                                         list(parent_ids), compute)
+
     def children(
         self, parent_ids: Sequence[str], collection: str, region: str | None = None, *,
         cached: bool = False,

@@ -22,7 +22,8 @@ model are not cached (the store read drops them, as ``StoreReader.candidates`` d
 Children (region crops, chunks) of a parent are cached by (collection, region name) too,
 for the region rerank, which reads those of every candidate. The changelog names the
 child's row, not its parent, so any write in a children's collection drops every cached
-child of that collection.
+child of that collection. What a rerank computes from a parent's children (the region
+embeddings they stand for) is kept per parent the same way (``per_parent``).
 
 Memory: ~40 bytes a row plus the ids (at 1M rows, ~100 MB). Not for pseudonym lookups:
 the cache holds pseudonyms only to hand them back with the row, never logs them. The code
@@ -129,6 +130,8 @@ class RowCache:
 
     def _clear(self) -> None:
         self._children: dict[tuple[str, str | None], dict[str, tuple]] = {}
+        #: per_parent's values: key -> (the collections whose writes drop it, pid -> value)
+        self._derived: dict[object, tuple[frozenset, dict[str, object]]] = {}
         n = 1024
         self._present = np.zeros(n, dtype=bool)
         self._seq = np.zeros(n, dtype=np.int64)
@@ -181,6 +184,34 @@ class RowCache:
                     out[pid] = kids
             return out
 
+    def per_parent(self, con: sqlite3.Connection, key, collections: tuple[str, ...],
+                   parent_ids: list[str], compute: Callable[[list[str]], dict[str, object]]
+                   ) -> dict[str, object]:
+        """Values derived from the children of each parent in ``collections`` (e.g. the
+        region embeddings a parent's region and chunk children stand for), kept under
+        ``key`` like the children themselves: dropped by any write in one of
+        ``collections``. Parents not kept are given to ``compute`` (parent ids -> parent
+        id -> value, parents without a value absent), outside the lock, so it may read
+        children through this cache. Returns parent id -> value for ``parent_ids``."""
+        with self._lock:
+            self._catch_up(con)
+            entry = self._derived.setdefault(key, (frozenset(collections), {}))
+            known = entry[1]
+            need = [pid for pid in dict.fromkeys(parent_ids) if pid not in known]
+            out = {pid: known[pid] for pid in parent_ids if known.get(pid) is not None}
+        if not need:
+            return out
+        got = compute(need)
+        out.update((pid, value) for pid, value in got.items() if value is not None)
+        with self._lock:
+            # kept only while no write dropped the entry meanwhile (a later catch-up
+            # would drop it anyway); a parent without a value is kept as None
+            if self._derived.get(key) is entry:
+                if len(known) + len(need) > CHILDREN_CACHE_SIZE:
+                    known.clear()
+                known.update((pid, got.get(pid)) for pid in need)
+        return out
+
     def _cached(self, keys: np.ndarray) -> np.ndarray:
         inside = (keys >= 0) & (keys < self._present.size)
         out = np.zeros(keys.size, dtype=bool)
@@ -206,6 +237,8 @@ class RowCache:
                 touched = {r[1] for r in rows}
                 for key in [key for key in self._children if key[0] in touched]:
                     del self._children[key]
+                for key in [k for k, (colls, _) in self._derived.items() if colls & touched]:
+                    del self._derived[key]
         self.seq = last
 
     def _fill(self, con: sqlite3.Connection, keys: np.ndarray) -> None:

@@ -64,7 +64,8 @@ from .explain import ConceptBank, explain_pairs
 from .query import QueryOptions, RegionQuery, SearchConfig, SearchFilters
 from .rerank import mix_region_scores, region_similarity
 from .stages import (AnnBatch, CandidateTable, Hit, QueryCandidates, Ranking, RegionStage,
-                     RegionTable, SearchResult, region_embeddings, search_result)
+                     RegionTable, SearchResult, region_embeddings, resolve_region_vectors,
+                     search_result)
 
 if TYPE_CHECKING:  # annotations only: importing the catalog imports faiss
     from medseek.index.catalog import Catalog
@@ -221,14 +222,12 @@ class SearchPipeline:
         stages: list[RegionStage | None] = [None] * n_q
         if region is not None:
             parents = list(dict.fromkeys(i for c in per_query if c is not None for i in c.ids))
-            regions = self.reader.children(parents, self.config.region_collection, region.name,
-                                           cached=True)
-            with_z = [pid for pid, rows in regions.items()
-                      if any(r.z_range is not None for r in rows)]
-            chunks = (self.reader.children(with_z, self.config.chunk_collection, cached=True)
-                      if with_z else {})
+            colls = (self.config.region_collection, self.config.chunk_collection)
+            resolved = self.reader.per_parent(("region_vectors", region.name, *colls), colls,
+                                              parents, functools.partial(
+                                                  self._region_vectors, region.name))
             e = region.embedding
-            regions_table = RegionTable.build(region.name, table.cands.ids, regions, chunks)
+            regions_table = RegionTable.of(region.name, table.cands.ids, resolved)
             stages = [RegionStage(region.name, e if e.ndim == 1 else e[qi], regions_table)
                       for qi in range(n_q)]
         shared_rerank = time.perf_counter() - t
@@ -266,6 +265,17 @@ class SearchPipeline:
             results.append(search_result(per_query[qi], ranked[qi], explanations[qi], region,
                                          records, tm, dup))
         return results
+
+    def _region_vectors(self, name: str, parents: list[str]) -> dict:
+        """``resolve_region_vectors`` of ``parents``: their region children of ``name``
+        and, for those with a z-range, the parent's chunks."""
+        regions = self.reader.children(parents, self.config.region_collection, name,
+                                       cached=True)
+        with_z = [pid for pid, rows in regions.items() if any(r.z_range is not None
+                                                              for r in rows)]
+        chunks = (self.reader.children(with_z, self.config.chunk_collection, cached=True)
+                  if with_z else {})
+        return resolve_region_vectors(name, regions, chunks)
 
     def _explain(self, per_query: list[QueryCandidates | None], ranked: list[Ranking | None],
                  queries: np.ndarray, opts: QueryOptions, bank: ConceptBank | None) -> list:

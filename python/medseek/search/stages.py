@@ -203,32 +203,47 @@ class RegionTable:
     counts: np.ndarray = field(repr=False)
 
     @classmethod
-    def build(cls, name: str, parents: Sequence[str], regions: dict[str, list[ChildRow]],
-              chunks: dict[str, list[ChildRow]]) -> RegionTable:
+    def of(cls, name: str, parents: Sequence[str],
+           resolved: dict[str, tuple[tuple[str, ...], np.ndarray]]) -> RegionTable:
         """From the batch's candidates (``parents``: their ids, in the batch read's order)
-        and their region children of ``name`` and chunk children (parent id -> children,
-        as ``StoreReader.children`` reads them)."""
-        vecs, child_ids = [], []
+        and each one's resolved region children (``resolve_region_vectors``; parents
+        without a usable child are absent)."""
+        parts, child_ids = [], []
         starts = np.zeros(len(parents), dtype=np.int64)
         counts = np.zeros(len(parents), dtype=np.int64)
         for p, pid in enumerate(parents):
-            kids = regions.get(pid)
-            if not kids:
-                continue
-            starts[p] = len(vecs)
-            for child in kids:
-                vec = child_vector(child, chunks.get(pid, ()))
-                if vec is not None:
-                    vecs.append(vec)
-                    child_ids.append(child.id)
-            counts[p] = len(vecs) - starts[p]
-        dims = sorted({v.shape[0] for v in vecs})
+            got = resolved.get(pid)
+            if got is not None:
+                starts[p], counts[p] = len(child_ids), len(got[0])
+                child_ids.extend(got[0])
+                parts.append(got[1])
+        dims = sorted({v.shape[1] for v in parts})
         if len(dims) > 1:
             raise ValueError(f"the region embeddings of {name!r} mix dims {dims}")
-        vectors = np.stack(vecs) if vecs else np.empty((0, 0), np.float32)
+        vectors = np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
         ids = np.empty(len(child_ids), dtype=object)
         ids[:] = child_ids
         return cls(vectors, ids, starts, counts)
+
+
+def resolve_region_vectors(name: str, regions: dict[str, list[ChildRow]],
+                           chunks: dict[str, list[ChildRow]]
+                           ) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+    """Parent id -> (ids of its usable region children of ``name``, the (m, d) embeddings
+    they stand for: ``child_vector``), from its region and chunk children (parent id ->
+    children, as ``StoreReader.children`` reads them); parents without one are absent.
+    It depends on the stored children only, so the pipeline keeps it per parent
+    (``StoreReader.per_parent``) and ``RegionTable.of`` assembles a batch's from it."""
+    out = {}
+    for pid, kids in regions.items():
+        usable = [(c.id, v) for c in kids
+                  if (v := child_vector(c, chunks.get(pid, ()))) is not None]
+        if usable:
+            dims = sorted({v.shape[0] for _, v in usable})
+            if len(dims) > 1:
+                raise ValueError(f"the region embeddings of {name!r} mix dims {dims}")
+            out[pid] = (tuple(i for i, _ in usable), np.stack([v for _, v in usable]))
+    return out
 
 
 @dataclass(frozen=True)
