@@ -81,11 +81,10 @@ class RetrievalClient:
     max_message_bytes : int
         Largest message sent or received.
     uploads : str, optional
-        Where image and volume searches go. ``"auto"`` (the
-        default): ask the server once (``Stats.upload_port``) and send it to the server's
-        upload workers if it has them (``medseek serve --upload-workers``), here if not;
-        an address: there; None: always here. An upload worker that cannot be reached
-        (UNAVAILABLE) is not retried: that search goes here.
+        Where image and volume searches go. ``"auto"`` (the default): ask the server once
+        (``Stats.upload_port``) and send them to its upload workers if it has them
+        (``medseek serve --upload-workers``), here if not; an address: there; None: always
+        here. A search the upload address answers UNAVAILABLE is sent here instead.
     """
 
     def __init__(self, address: str, token: str | None = None,

@@ -73,10 +73,10 @@ def register(subparsers) -> None:
                    help="server processes sharing the port and the store, each with its own "
                         "index caught up from the store (default: the config's, else 1)")
     p.add_argument("--upload-workers", type=int, default=None,
-                   help="server processes, at lower priority on --upload-port, that take the "
-                        "heavy uploads (SearchUpload) off the process answering light "
-                        "queries; Stats advertises them to clients (default: the config's, "
-                        "else 0: none)")
+                   help="server processes, at lower priority on --upload-port, that take "
+                        "image and volume searches (uploads) off the process answering text "
+                        "and item queries; Stats advertises them to clients (default: the "
+                        "config's, else 0: none)")
     p.add_argument("--upload-port", type=int, default=None,
                    help="port of the upload workers, 0 picks a free one (default: the "
                         "config's, else 0)")

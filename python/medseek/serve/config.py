@@ -62,13 +62,13 @@ class ServeConfig:
         own index, caught up from the store's changelog before every search batch, so a
         write acknowledged by one worker is seen by the next search of any worker.
     upload_workers : int
-        Server processes that take the heavy uploads (``SearchUpload``) off the process
-        that answers light queries (``medseek.serve.workers``): 0, none (the default). They
-        serve the whole API on ``upload_port``, share the store and catch up their index
-        like ``workers``, and run at ``upload_nice`` below this process's priority; Stats
-        advertises the port and ``RetrievalClient`` sends its uploads there. Their
-        receiving, decoding and encoding then hold neither this process's event loop nor
-        its GIL, and their CPU yields to it.
+        Server processes that take image and volume searches (uploads) off the process
+        that answers text and item queries (``medseek.serve.workers``): 0, none (the
+        default). They serve the whole API on ``upload_port``, share the store and catch
+        up their index like ``workers``, and run at ``upload_nice`` below this process's
+        priority; Stats advertises the port and ``RetrievalClient`` sends its image and
+        volume searches there. Receiving, decoding and encoding those then hold neither
+        this process's event loop nor its GIL, and their CPU yields to it.
     upload_port : int
         Port of the upload workers (same host); 0 picks a free one.
     upload_nice : int

@@ -48,8 +48,8 @@ searches to a pool of their own).
 from __future__ import annotations
 
 import logging
-import os
 import multiprocessing as mp
+import os
 import signal
 import socket
 import threading
