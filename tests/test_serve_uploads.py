@@ -119,6 +119,22 @@ def test_uploads_answered_by_the_workers_equal_the_main_ports_answers(server):
         assert hits and hits[0].id != "img-2"
 
 
+def test_image_diagnoses_go_to_the_upload_workers_with_the_same_answer(server):
+    _, port = server
+    images = [noise_png(20 + i, side=300) for i in range(4)]  # under 1 MiB: unary calls
+    with RetrievalClient(f"127.0.0.1:{port}") as c:
+        c.ingest([pb.IngestItem(id=f"dx-{i}", image=b, labels=["fracture"] if i % 2 else [])
+                  for i, b in enumerate(images)])
+        routed = c.diagnose(pb.DiagnoseRequest(image=images[1], k=3))
+        assert c._upload_stub is not c.stub
+    with RetrievalClient(f"127.0.0.1:{port}", uploads=None) as here:
+        direct = here.diagnose(pb.DiagnoseRequest(image=images[1], k=3))
+    assert [n.id for n in routed.neighbours] == [n.id for n in direct.neighbours]
+    assert routed.neighbours[0].id == "dx-1" and routed.probabilities
+    assert [(p.label, round(p.probability, 5)) for p in routed.probabilities] == [
+        (p.label, round(p.probability, 5)) for p in direct.probabilities]
+
+
 def test_a_killed_upload_worker_is_restarted_and_uploads_are_answered_meanwhile(server):
     proc, port = server
     image = noise_png(7)

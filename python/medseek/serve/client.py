@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 
 import grpc
@@ -68,6 +69,11 @@ def describe_failure(ack: pb.IngestAck) -> str:
     return f"{part}{status_code(ack.error.code).name}: {ack.error.message}"
 
 
+def _call(method: str, request, timeout, metadata, stub):
+    """``stub.<method>(request)`` with the call's timeout and metadata."""
+    return getattr(stub, method)(request, timeout=timeout, metadata=metadata)
+
+
 class RetrievalClient:
     """``RetrievalClient("127.0.0.1:50051", token=...)``; methods mirror the RPCs.
 
@@ -81,10 +87,11 @@ class RetrievalClient:
     max_message_bytes : int
         Largest message sent or received.
     uploads : str, optional
-        Where image and volume searches go. ``"auto"`` (the default): ask the server once
-        (``Stats.upload_port``) and send them to its upload workers if it has them
-        (``medseek serve --upload-workers``), here if not; an address: there; None: always
-        here. A search the upload address answers UNAVAILABLE is sent here instead.
+        Where image and volume searches (and diagnoses and drafts of an image or volume)
+        go. ``"auto"`` (the default): ask the server once (``Stats.upload_port``) and send
+        them to its upload workers if it has them (``medseek serve --upload-workers``),
+        here if not; an address: there; None: always here. A call the upload address
+        answers UNAVAILABLE is sent here instead.
     """
 
     def __init__(self, address: str, token: str | None = None,
@@ -147,19 +154,24 @@ class RetrievalClient:
         kind = request.WhichOneof("query")
         if kind not in ("image", "volume"):
             return self.stub.Search(request, timeout=timeout, metadata=self.metadata)
+
+        def call(stub):
+            if len(getattr(request, kind)) > UPLOAD_CHUNK_BYTES:
+                return stub.SearchUpload(upload_chunks(request), timeout=timeout,
+                                         metadata=self.metadata)
+            return stub.Search(request, timeout=timeout, metadata=self.metadata)
+        return self._routed(call)
+
+    def _routed(self, call):
+        """``call(stub)`` on the upload workers' stub (``uploads``), then on this server's
+        if they answer UNAVAILABLE."""
         stub = self._upload_target()
         try:
-            return self._content_search(stub, request, kind, timeout)
+            return call(stub)
         except grpc.RpcError as exc:
             if stub is self.stub or exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-        return self._content_search(self.stub, request, kind, timeout)
-
-    def _content_search(self, stub, request, kind: str, timeout):
-        if len(getattr(request, kind)) > UPLOAD_CHUNK_BYTES:
-            return stub.SearchUpload(upload_chunks(request), timeout=timeout,
-                                     metadata=self.metadata)
-        return stub.Search(request, timeout=timeout, metadata=self.metadata)
+        return call(self.stub)
 
     def search_stream(self, requests: Iterable[pb.SearchRequest],
                       timeout: float | None = None) -> Iterator[pb.SearchResponse]:
@@ -190,10 +202,18 @@ class RetrievalClient:
 
     def diagnose(self, request: pb.DiagnoseRequest, timeout: float | None = 30.0
                  ) -> pb.DiagnoseResponse:
-        return self.stub.Diagnose(request, timeout=timeout, metadata=self.metadata)
+        """One diagnosis; an image or volume query goes where ``search`` sends it."""
+        call = functools.partial(_call, "Diagnose", request, timeout, self.metadata)
+        if request.WhichOneof("query") in ("image", "volume"):
+            return self._routed(call)
+        return call(self.stub)
 
     def draft(self, request: pb.DraftRequest, timeout: float | None = 60.0) -> pb.DraftResponse:
-        return self.stub.Draft(request, timeout=timeout, metadata=self.metadata)
+        """One report draft; an image query goes where ``search`` sends it."""
+        call = functools.partial(_call, "Draft", request, timeout, self.metadata)
+        if request.WhichOneof("query") == "image":
+            return self._routed(call)
+        return call(self.stub)
 
     def stats(self, timeout: float | None = 30.0) -> pb.StatsResponse:
         return self.stub.Stats(pb.StatsRequest(), timeout=timeout, metadata=self.metadata)
