@@ -207,12 +207,19 @@ def test_a_new_reader_on_a_reopened_store_starts_empty_and_agrees(indexed, tmp_p
         again.close()
 
 
-def test_cached_children_follow_writes_to_children_and_parents(tmp_path):
-    rng = np.random.default_rng(4)
+def store_with_crops(tmp_path, seed: int, n: int, cropped: tuple[int, ...]):
+    """A store of ``n`` images with a "radius" region child ``r<i>`` of each image ``i``
+    in ``cropped``, and the random generator that made their vectors."""
+    rng = np.random.default_rng(seed)
     store = Store(StoreConfig(tmp_path / "s.db"))
-    store.upsert([image(i) for i in range(6)], unit(rng.standard_normal((6, DIM))))
+    store.upsert([image(i) for i in range(n)], unit(rng.standard_normal((n, DIM))))
     store.upsert([ItemRecord(f"r{i}", "region", parent_id=f"img-{i:03d}", region="radius")
-                  for i in (0, 1, 2)], unit(rng.standard_normal((3, DIM))))
+                  for i in cropped], unit(rng.standard_normal((len(cropped), DIM))))
+    return store, rng
+
+
+def test_cached_children_follow_writes_to_children_and_parents(tmp_path):
+    store, rng = store_with_crops(tmp_path, 4, 6, (0, 1, 2))
     parents = [f"img-{i:03d}" for i in range(6)] + ["unknown"]
     with StoreReader(store) as reader:
         def check(region="radius"):
@@ -243,11 +250,7 @@ def test_cached_children_follow_writes_to_children_and_parents(tmp_path):
 
 
 def test_per_parent_values_are_kept_until_a_write_in_their_collections(tmp_path):
-    rng = np.random.default_rng(6)
-    store = Store(StoreConfig(tmp_path / "s.db"))
-    store.upsert([image(i) for i in range(4)], unit(rng.standard_normal((4, DIM))))
-    store.upsert([ItemRecord(f"r{i}", "region", parent_id=f"img-{i:03d}", region="radius")
-                  for i in (0, 1)], unit(rng.standard_normal((2, DIM))))
+    store, rng = store_with_crops(tmp_path, 6, 4, (0, 1))
     parents = [f"img-{i:03d}" for i in range(4)]
     asked: list[list[str]] = []
 
