@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Iterator
 
 import grpc
@@ -67,11 +66,6 @@ def describe_failure(ack: pb.IngestAck) -> str:
     without some of its chunks or regions says so: ``(inserted, in part) INTERNAL: ...``."""
     part = f"({ack.status}, in part) " if ack.status != "failed" else ""
     return f"{part}{status_code(ack.error.code).name}: {ack.error.message}"
-
-
-def _call(method: str, request, timeout, metadata, stub):
-    """``stub.<method>(request)`` with the call's timeout and metadata."""
-    return getattr(stub, method)(request, timeout=timeout, metadata=metadata)
 
 
 class RetrievalClient:
@@ -203,17 +197,16 @@ class RetrievalClient:
     def diagnose(self, request: pb.DiagnoseRequest, timeout: float | None = 30.0
                  ) -> pb.DiagnoseResponse:
         """One diagnosis; an image or volume query goes where ``search`` sends it."""
-        call = functools.partial(_call, "Diagnose", request, timeout, self.metadata)
-        if request.WhichOneof("query") in ("image", "volume"):
-            return self._routed(call)
-        return call(self.stub)
+        def call(stub):
+            return stub.Diagnose(request, timeout=timeout, metadata=self.metadata)
+        content = request.WhichOneof("query") in ("image", "volume")
+        return self._routed(call) if content else call(self.stub)
 
     def draft(self, request: pb.DraftRequest, timeout: float | None = 60.0) -> pb.DraftResponse:
         """One report draft; an image query goes where ``search`` sends it."""
-        call = functools.partial(_call, "Draft", request, timeout, self.metadata)
-        if request.WhichOneof("query") == "image":
-            return self._routed(call)
-        return call(self.stub)
+        def call(stub):
+            return stub.Draft(request, timeout=timeout, metadata=self.metadata)
+        return self._routed(call) if request.WhichOneof("query") == "image" else call(self.stub)
 
     def stats(self, timeout: float | None = 30.0) -> pb.StatsResponse:
         return self.stub.Stats(pb.StatsRequest(), timeout=timeout, metadata=self.metadata)
