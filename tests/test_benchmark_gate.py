@@ -3,12 +3,12 @@
 A real benchmark (the fused volume pipeline on the ``small`` case, against scipy's zoom
 timed before each of its rounds) runs through pytest in a subprocess three times: twice
 as it is, once with ``MEDSEEK_BENCH_REPEAT=2`` (the measured path does its work twice,
-the baseline does not). The first run becomes the baseline, so nothing depends on this
+the baseline does not). A normal run becomes the baseline, so nothing depends on this
 machine's speed or on the committed baseline: only ratios within one run are compared.
 The workload's ratio is about 10x with the pair timed back to back over 15 rounds, so
 load moves it by far less than the 30 % tolerance while the slowdown halves it; a run
 whose baseline workload itself ran at another speed is measured again
-(``comparable_run``).
+(``agreeing_pair``, ``comparable_run``).
 
 The gate's own check of that (``--baseline-drift``: a row whose baseline workload's CPU
 time moved past a factor is ``BASELINE MOVED``, not a regression) is tested on the real
@@ -66,6 +66,26 @@ def baseline_cpu(run: Path) -> float:
     return float(bench["extra_info"]["baseline_cpu_min_s"])
 
 
+def agree(a: float, b: float) -> bool:
+    """Two baseline workload times within 15 % of each other."""
+    return abs(a / b - 1.0) <= 0.15
+
+
+def agreeing_pair(tmp: Path, tries: int = 6) -> tuple[Path, Path]:
+    """Two normal runs whose baseline workloads took the same CPU time (``agree``): up to
+    ``tries`` runs, until one agrees with an earlier one. Anchoring on the first run alone
+    fails when that run is the process that landed at the unusual speed (seen in CI: the
+    first at 9.5 ms, the next five at 4.9 ms); the last two are kept if none agree."""
+    done: list[Path] = []
+    for i in range(tries):
+        run = run_benchmark(tmp / f"normal{i}.json", 1)
+        match = next((d for d in done if agree(baseline_cpu(d), baseline_cpu(run))), None)
+        if match is not None:
+            return match, run
+        done.append(run)
+    return done[-2], done[-1]
+
+
 def comparable_run(out: Path, repeat: int, reference: float, tries: int = 5) -> Path:
     """BENCH run with ``repeat``, measured again (at most ``tries`` times in all) while its
     baseline workload's best CPU time differs from ``reference`` by more than 15 %.
@@ -78,7 +98,7 @@ def comparable_run(out: Path, repeat: int, reference: float, tries: int = 5) -> 
     """
     for _ in range(tries):
         run_benchmark(out, repeat)
-        if abs(baseline_cpu(out) / reference - 1.0) <= 0.15:
+        if agree(baseline_cpu(out), reference):
             break
     return out
 
@@ -87,15 +107,13 @@ def comparable_run(out: Path, repeat: int, reference: float, tries: int = 5) -> 
 def runs(tmp_path_factory):
     """(baseline file, a normal run, a 2x-slowed run) as pytest-benchmark JSON files."""
     tmp = tmp_path_factory.mktemp("gate")
-    first = run_benchmark(tmp / "first.json", 1)
+    first, normal = agreeing_pair(tmp)
     base = tmp / "baseline.json"
     made = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), str(first),
                            "--write-baseline", str(base), "--tolerance", "0.3"],
                           capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
-    reference = baseline_cpu(first)
-    return (base, comparable_run(tmp / "normal.json", 1, reference),
-            comparable_run(tmp / "slow.json", 2, reference))
+    return base, normal, comparable_run(tmp / "slow.json", 2, baseline_cpu(first), tries=6)
 
 
 def test_gate_passes_a_normal_run(runs):
