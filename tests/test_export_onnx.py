@@ -113,17 +113,20 @@ def test_image_graph_has_no_run_time_rope_or_shape_arithmetic(repo):
     assert dims == ["batch", 1, 64, 64]
 
 
-@pytest.mark.parametrize("depth, sections, size, stem", [(1, None, (48, 80), "patch"),
-                                                         (3, (5, 11), (64, 40), "patch"),
-                                                         (2, None, (64, 48), "conv")])
-def test_fixed_size_image_graph_equals_encode_image(tmp_path, depth, sections, size, stem):
-    """The fixed-size image graph (constant RoPE tables, CLS-only last block) and the
-    generic trace of encode_image both match torch, with every parameter made non-trivial
-    (CLS token, biases, LayerNorm affine, BatchNorm statistics of a conv stem), one block
-    (the only block is the last) or three, uneven RoPE sections, a non-square image."""
+@pytest.mark.parametrize("depth, sections, size, stem, pool", [(1, None, (48, 80), "patch", "cls"),
+                                                               (3, (5, 11), (64, 40), "patch", "cls"),
+                                                               (2, None, (64, 48), "conv", "cls"),
+                                                               (2, None, (64, 48), "conv", "mean"),
+                                                               (1, None, (48, 80), "patch", "mean")])
+def test_fixed_size_image_graph_equals_encode_image(tmp_path, depth, sections, size, stem, pool):
+    """The fixed-size image graph (constant RoPE tables, CLS-only last block, or every
+    token through it for a mean-pooled tower) and the generic trace of encode_image both
+    match torch, with every parameter made non-trivial (CLS token, biases, LayerNorm
+    affine, BatchNorm statistics of a conv stem), one block (the only block is the last)
+    or three, uneven RoPE sections, a non-square image."""
     torch.manual_seed(5)
     model = create_model("cxr-tiny", vision={"depth": depth, "rope_sections": sections,
-                                             "stem": stem, "stem_channels": 8},
+                                             "stem": stem, "stem_channels": 8, "pool": pool},
                          preprocess={"image_size": list(size)}).eval()
     with torch.no_grad():
         for buf_name, buf in model.named_buffers():

@@ -12,7 +12,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from medseek.io.errors import MedicalImageError
-from medseek.io.images import read_image
+from medseek.io.images import read_image, unit_intensity
 
 
 def real(name: str) -> str:
@@ -223,3 +223,41 @@ def test_other_transfer_syntaxes_give_native_identical_pixels():
         pixels = read_image(real(name)).pixels
         assert pixels.dtype == np.dtype(np.int16) and pixels.dtype.isnative, name
         np.testing.assert_array_equal(pixels, reference, err_msg=name)
+
+
+def test_unit_intensity_keeps_8_bit_contrast_and_stretches_deeper_images():
+    dim = np.array([[60, 120], [90, 180]], dtype=np.uint8)  # a low-contrast 8-bit film
+    np.testing.assert_array_equal(unit_intensity(dim), dim.astype(np.float32) / 255)
+    twelve = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)  # 12 bits in 16-bit words
+    np.testing.assert_allclose(unit_intensity(twelve), [[0, 0.25], [0.5, 1.0]])
+    hu = np.array([[-1000, 0], [500, 1000]], dtype=np.int16)
+    np.testing.assert_allclose(unit_intensity(hu), [[0, 0.5], [0.75, 1.0]])
+    assert unit_intensity(np.full((2, 2), 7, np.uint16)).max() == 0  # constant: zeros
+    assert unit_intensity(dim).dtype == np.float32 and unit_intensity(hu).dtype == np.float32
+
+
+def test_training_and_serving_feed_the_encoder_the_same_pixels(tmp_path):
+    """The service's encoder input of an upload equals the training item of the same
+    file, for a low-contrast 8-bit film too (the service once stretched every upload to
+    its own min and max, while training divided 8-bit films by 255)."""
+    from medseek.data.iu import IUReport
+    from medseek.data.synth.cxr import build_synth_cxr
+    from medseek.io.limits import ReadLimits
+    from medseek.models.factory import load_config
+    from medseek.serve.ingest import decode_image
+    from medseek.serve.work_config import PreprocessSpec
+    from medseek.train.data import PairDataset
+
+    reports = [IUReport("CXR9101", "", "", "Normal.", "", ("normal",), (), ())]
+    build_synth_cxr(tmp_path, seed=0, size=96, reports=reports, progress=False)
+    cfg = load_config("cxr-retrieval")
+    ds = PairDataset.from_manifest(tmp_path, cfg, None)
+    path = tmp_path / ds.records[0].path
+    px = np.asarray(Image.open(path))
+    Image.fromarray((40 + px.astype(np.float32) * 0.5).astype(np.uint8)).save(path)  # 40..167
+    spec = PreprocessSpec(image_size=tuple(cfg.preprocess.image_size))
+    served = decode_image(path.read_bytes(), "image", spec, ReadLimits(), None).payload
+    trained = ds[0]["image"]
+    assert served.shape == trained.shape == (1, 64, 64)
+    np.testing.assert_allclose(served, trained, atol=1e-6)
+    assert served.max() < 0.7  # the film's contrast is kept, not stretched

@@ -57,6 +57,23 @@ def test_every_parameter_gets_gradient(cfg):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_mean_pool_is_the_mean_of_the_patch_tokens():
+    """pool="mean": the global feature is the final patch tokens' mean, same weights
+    otherwise; the CLS token still runs (regions and CLS-free exports agree)."""
+    from dataclasses import replace
+
+    torch.manual_seed(3)
+    cls_model = ViT2D(CONV).eval()
+    mean_model = ViT2D(replace(CONV, pool="mean")).eval()
+    mean_model.load_state_dict(cls_model.state_dict())
+    images = torch.rand(2, 1, 32, 40)
+    cls, tokens = cls_model(images)
+    pooled, tokens2 = mean_model(images)
+    torch.testing.assert_close(tokens2, tokens)
+    torch.testing.assert_close(pooled, tokens.mean(1))
+    assert not torch.allclose(pooled, cls)
+
+
 def sharpen_attention_(model, factor=8.0):
     """At init (std 0.02) attention is nearly uniform, so position effects are ~1e-3;
     scaling the q/k/v projections makes it peaked, giving the checks a wide margin."""
@@ -146,5 +163,7 @@ def test_config_validation():
         ViT2DConfig(patch_size=0)
     with pytest.raises(ValueError, match="stem must be one of"):
         ViT2DConfig(stem="resnet")
+    with pytest.raises(ValueError, match="pool must be one of"):
+        ViT2DConfig(pool="max")
     with pytest.raises(ValueError, match="power-of-two patch_size >= 2, got 12"):
         ViT2DConfig(patch_size=12, width=32, heads=2, stem="conv")

@@ -19,6 +19,7 @@ from PIL import Image
 
 grpc = pytest.importorskip("grpc")  # the [server] extra
 
+from medseek.io import unit_intensity  # noqa: E402
 from medseek.encoders import OnnxRuntimeEncoder  # noqa: E402
 from medseek.export.repository import write_repository  # noqa: E402
 from medseek.models import create_model  # noqa: E402
@@ -53,8 +54,8 @@ def _png(arr: np.ndarray) -> bytes:
 
 
 def _payload(arr: np.ndarray) -> np.ndarray:
-    """The service's encoder input of an upload: min-max to [0, 1], stretched to 64x64."""
-    return np.array(ing.resize(ing.to_unit_range(arr.astype(np.float32)), (64, 64))[None])
+    """The service's encoder input of an upload: 8-bit / 255, stretched to 64x64."""
+    return np.array(ing.resize(unit_intensity(arr), (64, 64))[None])
 
 
 def _model_box(box) -> np.ndarray:
@@ -118,7 +119,7 @@ def test_region_child_is_the_region_head_output(wrist, served):
     assert _cos(stored_region, r[0, 0].numpy()) >= 0.9999  # the region pathway ...
     # ... not the global tower on the box's crop (what a crop-pathway server stores),
     # nor the region head over the unscaled box (uploaded pixels taken as model pixels)
-    crop = ing.crop(ing.to_unit_range(_image(2).astype(np.float32)), _box(BOX), "box",
+    crop = ing.crop(unit_intensity(_image(2)), _box(BOX), "box",
                     ing.PreprocessSpec(image_size=(64, 64)))
     assert _cos(stored_region, OnnxRuntimeEncoder(repo, "image").encode_images(crop[None])[0]) < 0.99
     with torch.inference_mode():
@@ -153,7 +154,7 @@ def test_region_query_reranks_by_region_head_cosines(wrist, served):
         assert h.matched_region == "centre" and h.region_id == f"{h.id}/region/centre"
         assert h.region_score == pytest.approx(_cos(qr, kids[h.id]), abs=1e-4)
     # the query's region is the region head's too, not the crop's global embedding
-    crop = ing.crop(ing.to_unit_range(q.astype(np.float32)), _box(BOX), "box",
+    crop = ing.crop(unit_intensity(q), _box(BOX), "box",
                     ing.PreprocessSpec(image_size=(64, 64)))
     qc = OnnxRuntimeEncoder(repo, "image").encode_images(crop[None])[0]
     assert max(abs(h.region_score - _cos(qc, kids[h.id])) for h in reranked.hits) > 0.01

@@ -14,7 +14,7 @@ from medseek import kernels
 from medseek.models.factory import create_model
 from medseek.train.data import PairDataset, collate, load_tokenizer, report_finding_vector
 from medseek.train.losses import (LossConfig, combine_losses, encode_batch, grouped_pair_loss,
-                                  grouped_siglip_loss, modality_gap_loss)
+                                  grouped_siglip_loss, modality_gap_loss, neighbour_loss)
 
 
 def unit(*shape, seed=0):
@@ -53,6 +53,78 @@ def test_grouped_siglip_matches_the_kernel_and_spares_duplicates():
         grouped_pair_loss(a, b, groups[:2], scale, bias, "clip")
 
 
+def test_neighbour_loss_is_jaccard_soft_infonce_without_self():
+    vis = unit(4, 8, seed=7)
+    labels = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.float32)
+    # hand formula, row by row: Jaccard targets over the other rows, softmax over them
+    want, rows = 0.0, 0
+    for i in range(4):
+        others = [j for j in range(4) if j != i]
+        jac = []
+        for j in others:
+            inter = float((labels[i] * labels[j]).sum())
+            union = float(((labels[i] + labels[j]) > 0).sum())
+            jac.append(inter / union)
+        if sum(jac) == 0:
+            continue  # row 3 shares nothing: no target
+        logits = torch.stack([vis[i] @ vis[j] for j in others]) / 0.1
+        logp = torch.log_softmax(logits, 0)
+        want = want - sum(t / sum(jac) * lp for t, lp in zip(jac, logp))
+        rows += 1
+    torch.testing.assert_close(neighbour_loss(vis, labels, 0.1), want / rows)
+    # the same rows in another order: the same loss
+    perm = torch.tensor([2, 0, 3, 1])
+    torch.testing.assert_close(neighbour_loss(vis[perm], labels[perm], 0.1), want / rows)
+    # no row shares a label: zero, and still differentiable
+    v = vis.clone().requires_grad_(True)
+    loss = neighbour_loss(v, torch.eye(4), 0.1)
+    loss.backward()
+    assert float(loss.detach()) == 0 and v.grad is not None
+
+
+def test_neighbour_loss_pulls_label_sharing_images_together():
+    torch.manual_seed(0)
+    raw = torch.randn(6, 8, requires_grad=True)
+    labels = torch.tensor([[1, 0], [1, 0], [1, 0], [0, 1], [0, 1], [0, 1]], dtype=torch.float32)
+    opt = torch.optim.SGD([raw], lr=0.5)
+
+    def gap():  # mean similarity within a label minus across labels
+        v = F.normalize(raw.detach(), dim=1)
+        sim = v @ v.T
+        same = (labels @ labels.T).bool() & ~torch.eye(6, dtype=torch.bool)
+        return float(sim[same].mean() - sim[~(labels @ labels.T).bool()].mean())
+
+    before = gap()
+    for _ in range(50):
+        opt.zero_grad()
+        neighbour_loss(F.normalize(raw, dim=1), labels, 0.1).backward()
+        opt.step()
+    assert gap() > before + 0.5
+
+
+def test_neighbour_term_trains_the_image_side_only(wrist_batch):
+    model, batch = wrist_batch
+    g, parts = grads_after(model, batch, LossConfig(w_global=0.0, w_neighbours=1.0))
+    assert set(parts) == {"neighbours"}
+    assert g["visual"] and g["visual_head"] and not g["text"] and not g["text_head"]
+
+
+def test_neighbour_term_with_unpaired_rows_uses_every_real_image(wrist_batch):
+    """Unpaired training: image-only rows are neighbours (their labels are theirs),
+    report-only rows (a zero image) are not."""
+    from medseek.train.unpaired import IMAGE_ONLY, PAIRED, REPORT_ONLY
+
+    model, _ = wrist_batch
+    emb = {"visual": unit(5, 32, seed=8), "text": unit(5, 32, seed=9)}
+    labels = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1], [1, 1]], dtype=torch.float32)
+    pairing = torch.tensor([PAIRED, IMAGE_ONLY, PAIRED, REPORT_ONLY, IMAGE_ONLY])
+    batch = {"labels": labels, "pairing": pairing}
+    _, parts = combine_losses(model, emb, batch, LossConfig(w_global=0.0, w_neighbours=1.0))
+    rows = torch.tensor([0, 1, 2, 4])
+    want = neighbour_loss(emb["visual"][rows], labels[rows], 0.1)
+    assert parts["neighbours"] == pytest.approx(float(want), rel=1e-6)
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="contrastive"):
         LossConfig(contrastive="triplet")
@@ -60,6 +132,10 @@ def test_config_errors_name_the_field():
         LossConfig(contrastive="siglip", soft_labels=True)
     with pytest.raises(ValueError, match="w_gap"):
         LossConfig(w_gap=-1)
+    with pytest.raises(ValueError, match="w_neighbours"):
+        LossConfig(w_neighbours=-1)
+    with pytest.raises(ValueError, match="neighbour_temperature"):
+        LossConfig(neighbour_temperature=0)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from PIL import Image
 pytest.importorskip("tritonclient.grpc")  # the [triton] extra
 grpc = pytest.importorskip("grpc")  # the [server] extra
 
+from medseek.io import unit_intensity  # noqa: E402
 from medseek.encoders import (AsyncTritonEncoder, EncoderInputError, EncoderSpec,  # noqa: E402
                               OnnxRuntimeEncoder, TritonEncoder)
 from medseek.encoders.triton_client import TritonEncoderConfig  # noqa: E402
@@ -128,7 +129,7 @@ def test_service_stores_region_children_from_triton(repo, server, spec, tmp_path
         enc.close()
     from medseek.serve import ingest as ing
 
-    x = np.array(ing.resize(ing.to_unit_range(arr.astype(np.float32)), SIZE)[None, None])
+    x = np.array(ing.resize(unit_intensity(arr), SIZE)[None, None])
     mbox = np.array([[[box[0] * 64 / 96, box[1] * 64 / 48, box[2] * 64 / 96, box[3] * 64 / 48]]],
                     np.float32)
     want = OnnxRuntimeEncoder(repo, "image").encode_image_regions(x, mbox)[1][0, 0]

@@ -34,7 +34,7 @@ from medseek.io import DeidConfig, read_image  # noqa: E402
 from medseek.serve.client import RetrievalClient  # noqa: E402
 from medseek.serve.config import ServeConfig  # noqa: E402
 from medseek.serve.gateway import Gateway, GatewayConfig  # noqa: E402
-from medseek.serve.ingest import to_unit_range  # noqa: E402
+from medseek.io import unit_intensity  # noqa: E402
 from medseek.serve.local_encoder import LocalTorchEncoder  # noqa: E402
 from medseek.serve.server import ServerThread  # noqa: E402
 from medseek.serve.v1 import retrieval_pb2 as pb  # noqa: E402
@@ -51,7 +51,7 @@ def _radiograph(name: str, longest: int = 256) -> Image.Image:
     """A real pydicom-data radiograph as an 8-bit image, longest side ``longest``."""
     from pydicom.data import get_testdata_file
 
-    unit = to_unit_range(read_image(get_testdata_file(name)).pixels)
+    unit = unit_intensity(read_image(get_testdata_file(name)).pixels)
     img = Image.fromarray((unit * 255).astype(np.uint8))
     scale = longest / max(img.size)
     return img.resize((round(img.width * scale), round(img.height * scale)))

@@ -130,10 +130,12 @@ class FixedSizeImageGraph(nn.Module):
     * q, k and v are three ``Gemm``s (slices of the fused ``qkv`` weight) instead of one
       ``Gemm`` and a ``Split``; the softmax scale ``head_dim ** -0.5`` is folded into the
       q weight and bias (rotation is linear, so scaling before or after it is the same);
-    * the last block computes only what the embedding reads: ``encode_image`` keeps the
-      CLS row of the final tokens, so the last block needs keys and values of every token
-      but the query, attention output, projection and MLP of the CLS row alone. The CLS
-      position is ``(0, 0)``, where the rotation is the identity.
+    * with ``pool = "cls"``, the last block computes only what the embedding reads:
+      ``encode_image`` keeps the CLS row of the final tokens, so the last block needs keys
+      and values of every token but the query, attention output, projection and MLP of
+      the CLS row alone. The CLS position is ``(0, 0)``, where the rotation is the
+      identity. With ``pool = "mean"`` every token goes through the last block and the
+      embedding is the mean of the patch rows after the final LayerNorm.
 
     Standard ONNX ops only: the file stays parseable by TensorRT. ``cls_only_last=False``
     runs every token through the last block (to measure what the CLS-only block gains).
@@ -167,6 +169,8 @@ class FixedSizeImageGraph(nn.Module):
                 # (T, 1, 2, P) over the (B, T, heads, 2, P) view: [c, c] and [-s, s]
                 tables[key] = (torch.stack((cos[0], cos[0]), 1)[:, None].contiguous(),
                                torch.stack((-sin[0], sin[0]), 1)[:, None].contiguous())
+        self.mean_pool = v.cfg.pool == "mean"
+        cls_only_last = cls_only_last and not self.mean_pool
         last = len(v.blocks) - 1 if cls_only_last else -1
         self.cls_only_last = cls_only_last
         self.blocks = nn.ModuleList(
@@ -185,6 +189,9 @@ class FixedSizeImageGraph(nn.Module):
         h = x.transpose(1, 2).reshape(-1, self.width)  # (B * T, width)
         for blk in self.blocks:
             h = blk(h)  # (B * T, width); the last block: (B, width), the CLS rows
+        if self.mean_pool:  # ViT2D.forward: the patch rows' mean after the final LayerNorm
+            h = self.visual.ln_f(h).reshape(-1, self.t, self.width)[:, 1:].mean(1)  # (B, width)
+            return self.head(h)  # (B, dim)
         if not self.cls_only_last:
             h = h.reshape(-1, self.t, self.width)[:, 0]  # (B, width)
         return self.head(self.visual.ln_f(h))  # (B, dim)

@@ -23,7 +23,7 @@ from typing import Sequence
 from .deid import BASIC_PROFILE, DeidConfig, DeidRecord, deidentify
 from .dicom_groups import DicomGrouping, DicomItem, SkippedFile, discover, group_dicom
 from .errors import LimitExceededError, MedicalImageError
-from .images import read_image
+from .images import read_image, unit_intensity
 from .limits import ReadLimits
 from .nifti import is_nifti, read_nifti
 from .records import Image2D, Volume
@@ -49,6 +49,7 @@ __all__ = [
     "read_image",
     "read_nifti",
     "read_volume",
+    "unit_intensity",
 ]
 
 

@@ -85,6 +85,24 @@ def read_image(
     raise MedicalImageError(f"{label}: unrecognised image format (expected DICOM, PNG or JPEG)")
 
 
+def unit_intensity(pixels: np.ndarray) -> np.ndarray:
+    """Pixels of :func:`read_image` → float32 in [0, 1], the encoders' input scale, one rule
+    for training (``medseek.train.data``) and serving (``medseek.serve.ingest``):
+
+    * ``uint8`` is divided by 255: an 8-bit PNG, JPEG or DICOM already spans its display
+      range, and a dark or low-contrast film stays dark or low-contrast, as the model saw
+      such films in training;
+    * anything else (16-bit words holding 10–16 bits, rescaled DICOM integers, floats) is
+      stretched to its own minimum and maximum: the stored depth says nothing about the
+      range used. A constant image gives zeros.
+    """
+    if pixels.dtype == np.uint8:
+        return pixels.astype(np.float32) / np.float32(255.0)
+    x = pixels.astype(np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    return ((x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)).astype(np.float32)
+
+
 def _read_dicom_image(
     data: bytes, name: str, limits: ReadLimits, deid: DeidConfig | None, frame: int | None
 ) -> Image2D:

@@ -35,6 +35,7 @@ from torch import nn
 from .blocks import Block, init_transformer_, rope_sections
 
 STEMS = ("patch", "conv")
+POOLS = ("cls", "mean")
 
 
 def conv_stem(in_chans: int, channels: int, patch_size: int,
@@ -71,6 +72,10 @@ class ViT2DConfig:
     stem: str = "patch"
     stem_channels: int = 32  # channels after the first stem stage, doubled per stage
     stem_convs: int = 1  # 3x3 conv layers per stem stage (the first of them strides by 2)
+    # the global feature: "cls" (the CLS token's output) or "mean" (the mean of the final
+    # patch tokens, a CNN's global average pool: every patch contributes, where CLS
+    # attends to a few)
+    pool: str = "cls"
 
     def __post_init__(self) -> None:
         for name in ("in_chans", "patch_size", "width", "depth", "heads", "stem_channels",
@@ -78,6 +83,8 @@ class ViT2DConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if self.stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
         if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
@@ -192,9 +199,11 @@ class ViT2D(nn.Module):
         return h[:, 0], h[:, 1:]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``images`` (B, C, H, W) → ``(cls (B, width), patch tokens (B, N, width))``."""
+        """``images`` (B, C, H, W) → ``(global feature (B, width), patch tokens (B, N,
+        width))``; the global feature is the CLS output or the tokens' mean (``cfg.pool``)."""
         x, pos = self.embed(images)
-        return self.encode_tokens(x, pos)
+        cls, tokens = self.encode_tokens(x, pos)
+        return (tokens.mean(1) if self.cfg.pool == "mean" else cls), tokens
 
     def region_weights(
         self, boxes: torch.Tensor, grid: tuple[int, int]

@@ -23,9 +23,7 @@ VOLUME_EXT = (".nii", ".nii.gz", ".zip")
 
 def _pixels(data: bytes, name: str, window: tuple[float, float]) -> np.ndarray | None:
     """[0, 1] float pixels of an image, or of a volume's middle slice; None if unreadable."""
-    from medseek.io import MedicalImageError, read_image, read_volume
-
-    from .ingest import to_unit_range
+    from medseek.io import MedicalImageError, read_image, read_volume, unit_intensity
 
     try:
         if name.lower().endswith(VOLUME_EXT):
@@ -33,7 +31,7 @@ def _pixels(data: bytes, name: str, window: tuple[float, float]) -> np.ndarray |
             mid = arr[arr.shape[0] // 2].astype(np.float32)
             lo = window[0] - window[1] / 2
             return np.clip((mid - lo) / window[1], 0.0, 1.0)
-        return to_unit_range(read_image(data).pixels)
+        return unit_intensity(read_image(data).pixels)
     except (MedicalImageError, ValueError):
         return None
 

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from medseek.io import (DeidConfig, LimitExceededError, MedicalImageError, ReadLimits,
-                        read_image, read_volume)
+                        read_image, read_volume, unit_intensity)
 from medseek.io.nifti import is_nifti
 from medseek.io.sources import is_dicom, is_zip
 from medseek.search.query import InvalidQuery
@@ -152,13 +152,6 @@ def decode_text(text: str, field: str, budget: RequestBudget | None = None) -> D
     return Decoded("text", text, hashlib.sha256(data).hexdigest())
 
 
-def to_unit_range(pixels: np.ndarray) -> np.ndarray:
-    """Scale by the image's own min and max into [0, 1] (a constant image gives 0)."""
-    x = pixels.astype(np.float64)
-    lo, hi = float(x.min()), float(x.max())
-    return ((x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)).astype(np.float32)
-
-
 def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(h, w) float32 -> (H, W) float32, bilinear."""
     im = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
@@ -182,7 +175,7 @@ def decode_image(data: bytes, field: str, spec: PreprocessSpec, limits: ReadLimi
         raise InvalidField(field, f"image must be 2-D and at least 2x2, got shape {pixels.shape}")
     if not np.isfinite(pixels).all():
         raise InvalidField(field, "image contains NaN or infinite values")
-    unit = to_unit_range(pixels)
+    unit = unit_intensity(pixels)  # the training data's rule (medseek.train.data)
     return Decoded("image", resize(unit, spec.image_size)[None], _sha_array(pixels),
                    pixels=unit, modality=img.modality, body_part=img.body_part, view=img.view,
                    patient_pseudonym=img.meta.get("patient_pseudonym"),

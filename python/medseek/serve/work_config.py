@@ -197,7 +197,9 @@ class PreprocessSpec:
     Attributes
     ----------
     image_size : (int, int)
-        Radiographs are resized to (H, W) and scaled to [0, 1] by their own min and max.
+        Radiographs are scaled to [0, 1] as the training data was
+        (:func:`medseek.io.unit_intensity`: 8-bit by 255, deeper ones by their own min
+        and max) and resized to (H, W).
     target_spacing : float or (float, float, float)
         Volumes are resampled to this spacing (mm; one number: isotropic; three: z, y, x) ...
     window : (float, float)

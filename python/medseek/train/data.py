@@ -1,8 +1,9 @@
 """Training pairs from a manifest: radiographs or volumes with their report text.
 
 An item is one ``image`` or ``volume`` record of a split. Images are read with
-:func:`medseek.io.read_image`, scaled to [0, 1] by their bit depth and resized to the
-model's ``preprocess.image_size`` (region boxes scaled with them). Volumes are read with
+:func:`medseek.io.read_image`, scaled to [0, 1] by :func:`medseek.io.unit_intensity` (the
+service's rule too) and resized to the model's ``preprocess.image_size`` (region boxes
+scaled with them). Volumes are read with
 :func:`medseek.io.read_nifti`, then ``resample_window_chunk`` and ``patchify``
 (:mod:`medseek.volume`) at the model's spacing, window, chunk depth and patch size;
 organ z-ranges are mapped to resampled slices. Report, region captions and organ
@@ -118,16 +119,9 @@ class PairDataset:
     def _image(self, rec: ManifestRecord) -> dict:
         from PIL import Image
 
-        from medseek.io import read_image
+        from medseek.io import read_image, unit_intensity
 
-        px = read_image(self.root / rec.path).pixels
-        if px.dtype == np.uint8:
-            img = px.astype(np.float32) / 255.0
-        elif px.dtype == np.uint16:
-            img = px.astype(np.float32) / 65535.0
-        else:
-            lo, hi = float(px.min()), float(px.max())
-            img = (px.astype(np.float32) - lo) / max(hi - lo, 1e-6)
+        img = unit_intensity(read_image(self.root / rec.path).pixels)  # as the service does
         h0, w0 = img.shape
         size = self.model_cfg.preprocess.image_size
         if size is not None and (h0, w0) != tuple(size):

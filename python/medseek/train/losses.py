@@ -44,6 +44,14 @@ Terms (each weighted by :class:`LossConfig`; a weight of 0 skips the term entire
   abnormal sentences. Soft targets as PRIMA's: every volume of the batch that has all
   the sentence's findings is a positive, its own volume always. Computed per process
   (sentences index their volumes locally).
+* ``neighbours``: image ↔ image, PRIMA's soft targets without the report
+  (:func:`neighbour_loss`). Image→image search ranks an archive by the embedding alone,
+  and the report-side terms shape it only through the text: with near-identical normal
+  reports that is a weak signal. Here each image of the batch is a query against the
+  others (itself left out) with targets ``t_ij ∝ J(y_i, y_j)``, the Jaccard overlap of the
+  multi-hot labels, i.e. the grading a radiologist's "similar case" has: same findings,
+  no extra ones. The temperature is fixed (``neighbour_temperature``), not the image ↔
+  text logit scale.
 * ``pheno``: PhenoLIP's teacher-guided distillation of an ontology-derived phenotype
   space (:mod:`medseek.train.pheno`, formula there).
 * ``gap``: the modality-gap-closing term. The modality-gap seed ("the modality gap is
@@ -103,6 +111,11 @@ class LossConfig:
     # abnormal organ sentence ↔ whole-volume embeddings with finding-aware soft targets
     # (organ_volume_loss; volumes only)
     w_organ_volume: float = 0.0
+    # PRIMA's label-aware soft targets between the *images* of a batch (neighbour_loss):
+    # the space an image query searches learns that cases sharing labels are neighbours,
+    # graded by the Jaccard overlap of their multi-hot labels
+    w_neighbours: float = 0.0
+    neighbour_temperature: float = 0.1
 
     def __post_init__(self) -> None:
         if self.contrastive not in CONTRASTIVE:
@@ -111,10 +124,12 @@ class LossConfig:
             raise ValueError("soft_labels needs contrastive='clip' (the sigmoid loss has no soft targets)")
         for name in ("w_global", "w_region", "w_organ", "w_gap", "gap_uniformity", "w_finding",
                      "w_region_finding", "w_pheno", "w_finding_unpaired", "w_sentence_finding",
-                     "w_organ_volume"):
+                     "w_organ_volume", "w_neighbours"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if not isinstance(self.neighbour_temperature, (int, float)) or not self.neighbour_temperature > 0:
+            raise ValueError(f"neighbour_temperature must be a number > 0, got {self.neighbour_temperature!r}")
 
 
 def contrastive_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
@@ -134,6 +149,30 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
             raise ValueError("labels (soft targets) are only supported with kind='clip'")
         return kernels.siglip_loss(a, b, scale, bias)
     raise ValueError(f"kind must be one of {CONTRASTIVE}, got {kind!r}")
+
+
+def neighbour_loss(vis: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Soft-target InfoNCE of the images ``vis`` (B, D), unit norm, against each other:
+    row i's softmax over ``j != i`` of ``vis_i · vis_j / temperature`` against
+    ``t_ij = J_ij / Σ_k J_ik`` with ``J`` the Jaccard overlap of the multi-hot ``labels``
+    (B, L). Rows sharing no label with any other row of the batch have no target and are
+    left out; with none left the loss is 0 (kept in the graph)."""
+    if vis.shape[0] != labels.shape[0]:
+        raise ValueError(f"vis has {vis.shape[0]} rows but labels {labels.shape[0]}")
+    y = labels.to(torch.float32)
+    inter = y @ y.T  # (B, B)
+    union = y.sum(1, keepdim=True) + y.sum(1) - inter
+    jac = torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(inter))
+    eye = torch.eye(vis.shape[0], dtype=torch.bool, device=vis.device)
+    jac = jac.masked_fill(eye, 0.0)
+    mass = jac.sum(1)
+    keep = mass > 0
+    if not keep.any():
+        return vis.sum() * 0.0
+    logits = (vis.float() @ vis.float().T / temperature).masked_fill(eye, float("-inf"))
+    logp = torch.log_softmax(logits, dim=1).masked_fill(eye, 0.0)  # 0·(-inf) would be NaN
+    target = jac / mass.clamp_min(1e-12)[:, None]
+    return -(target * logp).sum(1)[keep].mean()
 
 
 def grouped_siglip_loss(a: torch.Tensor, b: torch.Tensor, group_ids: torch.Tensor,
@@ -315,6 +354,7 @@ def combine_losses(model, emb: dict[str, torch.Tensor], batch: dict, cfg: LossCo
     vis, txt = gather(emb["visual"]), gather(emb["text"])
     findings = gather(batch["findings"]) if "findings" in batch else None
     pairing = gather(batch["pairing"]) if batch.get("pairing") is not None else None
+    imaged = (vis, gather(batch["labels"])) if cfg.w_neighbours > 0 else None
     if pairing is not None:  # unpaired evidence alignment: only the pairs are pairs
         from .unpaired import PAIRED, check_unpaired_regions, unpaired_finding_loss
 
@@ -322,6 +362,10 @@ def combine_losses(model, emb: dict[str, torch.Tensor], batch: dict, cfg: LossCo
 
         if cfg.w_finding_unpaired > 0:
             parts["finding_unpaired"] = unpaired_finding_loss(model, vis, txt, findings, pairing)
+        if imaged is not None:
+            from .unpaired import REPORT_ONLY
+
+            imaged = (vis[pairing != REPORT_ONLY], imaged[1][pairing != REPORT_ONLY])
         keep = pairing == PAIRED
         vis, txt = vis[keep], txt[keep]
         findings = findings[keep] if findings is not None else None
@@ -353,6 +397,12 @@ def combine_losses(model, emb: dict[str, torch.Tensor], batch: dict, cfg: LossCo
         parts["organ_volume"] = organ_volume_loss(emb["organ_volume_text"], emb["organ_volume_owner"],
                                                   emb["organ_volume_findings"], emb["visual"],
                                                   batch["findings"], scale)
+    if cfg.w_neighbours > 0:
+        # every row with a real image: the pairs and, unpaired, the image-only rows (their
+        # labels are theirs; a report-only row's image is zeros)
+        nb_vis, nb_labels = imaged
+        if nb_vis.shape[0] > 1:
+            parts["neighbours"] = neighbour_loss(nb_vis, nb_labels, cfg.neighbour_temperature)
     if cfg.w_pheno > 0 and has_pairs:
         from .pheno import pheno_loss
 
@@ -361,7 +411,7 @@ def combine_losses(model, emb: dict[str, torch.Tensor], batch: dict, cfg: LossCo
                "gap": cfg.w_gap, "finding": cfg.w_finding, "region_finding": cfg.w_region_finding,
                "pheno": cfg.w_pheno, "finding_unpaired": cfg.w_finding_unpaired,
                "sentence_finding": cfg.w_sentence_finding,
-               "organ_volume": cfg.w_organ_volume}
+               "organ_volume": cfg.w_organ_volume, "neighbours": cfg.w_neighbours}
     if not parts:
         raise ValueError("no loss term is active: every weight is 0 or its inputs are missing")
     total = sum(weights[k] * v for k, v in parts.items())

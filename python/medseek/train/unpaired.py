@@ -27,7 +27,8 @@ recoverable). Each batch carries a ``pairing`` code per row (:data:`PAIRED`,
 :data:`IMAGE_ONLY`, :data:`REPORT_ONLY`); :func:`~medseek.train.losses.combine_losses`
 feeds only the paired rows to the contrastive, gap and paired finding terms, and the
 image side of image-only rows plus the text side of report-only rows to the
-``finding_unpaired`` term (weight ``LossConfig.w_finding_unpaired``).
+``finding_unpaired`` term (weight ``LossConfig.w_finding_unpaired``), and every row with
+an image (pairs and image-only rows, by their labels) to the ``neighbours`` term.
 
 Region captions (WristMIR's bone sentences) are sentences of the report, so only paired
 items keep them: an image-only item has no report, and a report-only item's zero image
