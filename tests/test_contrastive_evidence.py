@@ -224,8 +224,10 @@ def _png(base: np.ndarray, seed: int) -> bytes:
 
 
 _yy, _xx = np.mgrid[0:48, 0:48]
-#: X: only fracture look-alikes (an easy case); Y: look-alikes under both answers (hard)
-PATTERN_X = ((_xx // 6 % 2) * 180 + 30).astype(np.uint8)
+#: X: only fracture look-alikes (an easy case); Y: look-alikes under both answers (hard).
+#: X spans 0-255, so its encoder input is the same whether 8-bit films are divided by 255
+#: (medseek.io.unit_intensity, what the service does) or stretched to their min and max
+PATTERN_X = ((_xx // 6 % 2) * 255).astype(np.uint8)
 PATTERN_Y = (((_xx - 24) ** 2 + (_yy - 24) ** 2 < 200) * 200).astype(np.uint8)
 PATTERN_N = (((_xx // 8 + _yy // 8) % 2) * 220).astype(np.uint8)
 HYPS = [pb.Hypothesis(name="fracture", labels=["fracture"]), pb.Hypothesis(name="none")]
