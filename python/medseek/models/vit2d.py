@@ -73,8 +73,8 @@ class ViT2DConfig:
     stem_channels: int = 32  # channels after the first stem stage, doubled per stage
     stem_convs: int = 1  # 3x3 conv layers per stem stage (the first of them strides by 2)
     # the global feature: "cls" (the CLS token's output) or "mean" (the mean of the final
-    # patch tokens, a CNN's global average pool: every patch contributes, where CLS
-    # attends to a few)
+    # patch tokens, a CNN's global average pool: every patch contributes directly, where
+    # CLS must learn through attention which patches to gather)
     pool: str = "cls"
 
     def __post_init__(self) -> None:

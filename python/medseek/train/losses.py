@@ -49,9 +49,11 @@ Terms (each weighted by :class:`LossConfig`; a weight of 0 skips the term entire
   and the report-side terms shape it only through the text: with near-identical normal
   reports that is a weak signal. Here each image of the batch is a query against the
   others (itself left out) with targets ``t_ij ∝ J(y_i, y_j)``, the Jaccard overlap of the
-  multi-hot labels, i.e. the grading a radiologist's "similar case" has: same findings,
-  no extra ones. The temperature is fixed (``neighbour_temperature``), not the image ↔
-  text logit scale.
+  multi-hot labels: same findings, no extra ones, which is also how the image→image
+  nDCG of :mod:`medseek.train.ablation` grades a hit, so this term trains toward the
+  metric directly (with the labels a training corpus carries, never the test split's).
+  The temperature is fixed (``neighbour_temperature``), not the image ↔ text logit
+  scale.
 * ``pheno``: PhenoLIP's teacher-guided distillation of an ontology-derived phenotype
   space (:mod:`medseek.train.pheno`, formula there).
 * ``gap``: the modality-gap-closing term. The modality-gap seed ("the modality gap is
