@@ -28,7 +28,8 @@ Nothing is downloaded: transformers loads with ``local_files_only=True``.
 ================  ==================  =================================================
 
 Input conventions. medseek hands encoders ``(B, 1, H, W)`` float32 radiographs in
-[0, 1] at the spec's image size (the service resizes each upload to it, min-max scaled).
+[0, 1] at the spec's image size (the service resizes each upload to it, scaled by
+:func:`medseek.io.unit_intensity`: 8-bit by 255, deeper images to their min and max).
 The image graph replicates the channel three times and normalises with the checkpoint's
 ``image_mean``/``image_std`` (``preprocessor_config.json``): what the checkpoint's image
 processor does after its ``1/255`` rescale. The image size is the vision config's
