@@ -118,9 +118,29 @@ def merge_repositories(repo_dirs: Sequence[str | Path], dest: str | Path) -> dic
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that nothing listens on right now (bind port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1", avoid=()) -> list[int]:
+    """``n`` distinct TCP ports that nothing listens on right now, none of them in
+    ``avoid``. All ``n`` sockets are held bound until every port is read: the kernel may
+    hand a just-closed port straight out again, so ports picked one at a time (bind,
+    read, close, repeat) can come out equal, and tritonserver refuses to start when two
+    of its listeners share one."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+            if port not in avoid:
+                ports.append(port)
+    finally:
+        for s in socks:
+            s.close()
+    return ports
 
 
 def _wheel_dir() -> Path | None:
@@ -237,9 +257,9 @@ class TritonServer:
     def __init__(self, cfg: TritonServerConfig) -> None:
         self.cfg = cfg
         self.binary, self.wheel = find_tritonserver()
-        self.grpc_port = cfg.grpc_port or free_port(cfg.host)
-        self.http_port = cfg.http_port or free_port(cfg.host)
-        self.metrics_port = cfg.metrics_port or free_port(cfg.host)
+        given = (cfg.grpc_port, cfg.http_port, cfg.metrics_port)
+        auto = iter(free_ports(sum(1 for p in given if not p), cfg.host, avoid=set(given)))
+        self.grpc_port, self.http_port, self.metrics_port = (p or next(auto) for p in given)
         self.log_path = Path(cfg.log_path) if cfg.log_path else cfg.repo_dir / LOG_FILE
         self._own_work_dir = cfg.work_dir is None
         self.work_dir = Path(cfg.work_dir) if cfg.work_dir else None
