@@ -339,18 +339,36 @@ def test_finish_drops_rows_deleted_after_the_ann(env, monkeypatch):
             assert len(r.hits) == 10
         if reg is None and not div:  # the survivors in their order
             assert ids(res[0]) == [f"img-{i:03d}" for i in (1, 3, 4, 5, 6, 7, 8, 9, 10, 11)]
-    # deleted between the candidates' read and the hits' records: dropped, counted
+    # deleted between the candidates' store read and the hits' records' read (the index
+    # holding no exact vectors, so both come from the store): dropped, counted
     batch = pipe.ann("image", queries[:1], 5)
-    read_items = pipe.reader.items
+    read_items, records_at = pipe.reader.items, pipe.reader.records_at
 
     def delete_then_read(row_keys, **kw):
         store.delete(["img-003"])
         return read_items(row_keys, **kw)
 
+    monkeypatch.setattr(catalog, "stored_vectors", lambda c, k: (None, 0))
     monkeypatch.setattr(pipe.reader, "items", delete_then_read)
     (res,) = pipe.finish(batch, diversify=False)
     assert ids(res) == ["img-001", "img-004", "img-005", "img-006"] and res.stale == 5
     monkeypatch.undo()
+    # candidates through the row cache: the hits' records are those of the candidates'
+    # read (their seqs), so a delete acknowledged after that read does not tear the
+    # answer; the next search drops the row
+    batch = pipe.ann("image", queries[:1], 5)
+
+    def delete_then_records(row_keys, seqs):
+        store.delete(["img-004"])
+        return records_at(row_keys, seqs)
+
+    monkeypatch.setattr(pipe.reader, "records_at", delete_then_records)
+    (res,) = pipe.finish(batch, diversify=False)
+    assert ids(res) == ["img-001", "img-004", "img-005", "img-006", "img-007"]
+    assert res.stale == 5
+    monkeypatch.undo()
+    (res,) = pipe.finish(pipe.ann("image", queries[:1], 5), diversify=False)
+    assert "img-004" not in ids(res) and res.stale == 6
     # every candidate gone: no hit, every key stale
     batch = pipe.ann("image", queries, 10)
     store.delete([f"img-{i:03d}" for i in range(N)] + ["img-new"])

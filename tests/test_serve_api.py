@@ -367,6 +367,11 @@ def test_concurrent_queries_share_encoder_batches(server, client, gated, ingeste
             while encode_queue.depth < 7:  # all seven wait behind the held batch
                 assert not any(f.done() for f in rest), [f.exception() for f in rest if f.done()]
                 threading.Event().wait(0.01)
+            # the queue gauges are read when scraped: the seven waiting now, in all lanes
+            # and in the text lane
+            assert reg.get_sample_value("medseek_queue_depth", {"queue": "encode"}) == 7
+            assert reg.get_sample_value("medseek_queue_depth",
+                                        {"queue": "encode_text"}) == 7
         finally:
             gated.gate.set()  # also on a failure, or the pool would wait forever
         resps = [first.result()] + [f.result() for f in rest]

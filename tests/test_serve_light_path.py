@@ -4,7 +4,10 @@
   query;
 * ``StoreReader.candidate_items`` (candidates and records in one read) against
   ``candidates`` + ``items``, with deleted rows;
-* the pipeline's one-read plain batch (K' = k) against the two-read path (K' > k);
+* ``StoreReader.records_at`` (the hits' records at the candidates' seqs, from the record
+  cache) against ``items``;
+* a warm batch (candidates from the row cache and the index's vectors, records from the
+  record cache: one changelog statement) against the store-read path, through writes;
 * ``item_id`` queries resolved inside the search micro-batch (one store read for the
   batch, items of several collections searched group by group, an unknown id or a
   missing region failing only its own request) against the same queries one at a time,
@@ -173,8 +176,40 @@ def test_record_cache_follows_writes_and_deletes(store_env):
         StoreReader(store, record_cache=-1)
 
 
-def test_plain_batch_reads_once_and_answers_as_the_two_read_path(store_env, tmp_path,
-                                                                   monkeypatch):
+def test_records_at_are_the_rows_at_those_seqs(store_env):
+    store, embs = store_env
+    with store.reader() as reader:
+        keys = np.array(sorted(r.row_key for r in store.get(
+            ["img-001", "img-002", "img-003"]).values()), dtype=np.int64)
+        cached = reader.row_cache.rows(reader._con_here(), keys)
+        first = reader.records_at(cached.row_keys, cached.seqs)  # misses: one store read
+        assert first == {it.row_key: it.record for it in reader.items(keys)}
+        again = reader.records_at(cached.row_keys, cached.seqs)
+        assert all(again[k] is first[k] for k in first)  # the same objects, from the cache
+        store.upsert([ItemRecord("img-002", "image", modality="DX")], embs[2:3])
+        store.delete(["img-003"])
+        # at the old seqs: still cached, so the rows as they were at the candidates' read
+        assert reader.records_at(cached.row_keys, cached.seqs) == first
+        now = reader.row_cache.rows(reader._con_here(), keys)
+        got = reader.records_at(now.row_keys, now.seqs)
+        assert sorted(got) == keys[:2].tolist() and got[int(keys[1])].modality == "DX"
+        assert got[int(keys[0])] is first[int(keys[0])]
+        # a row key at a seq never cached and deleted since: absent, not an error
+        assert reader.records_at(keys[2:], np.array([10**9])) == {}
+
+
+def _trace_reads(reader, statements: list) -> None:
+    """Record every statement the reader's connection on this thread runs."""
+    reader._con_here().set_trace_callback(statements.append)
+
+
+@pytest.mark.parametrize("k_prime", [6, 30])
+def test_warm_batch_reads_only_the_changelog_and_answers_as_the_store(store_env, tmp_path,
+                                                                      monkeypatch, k_prime):
+    """Candidates from the row cache and the index, hits' records from the record cache:
+    once warm, a batch on a flat index runs one statement (the changelog's last seq), and
+    answers as the store-read path does (``stored_vectors`` unavailable), through writes
+    and deletes the index has not caught up with."""
     store, embs = store_env
     catalog = Catalog(store, CatalogConfig(index_dir=tmp_path / "index"))
     catalog.open()
@@ -182,35 +217,60 @@ def test_plain_batch_reads_once_and_answers_as_the_two_read_path(store_env, tmp_
     bank = ConceptBank(names, unit(np.random.default_rng(3).standard_normal((6, DIM))))
     queries = embs[[0, 5, 17, 40]]
     with SearchPipeline(catalog, store, SearchConfig(), concepts=bank) as pipe:
-        reads = []
-        for name in ("candidates", "candidate_items", "items"):
-            real = getattr(pipe.reader, name)
-            monkeypatch.setattr(pipe.reader, name, lambda *a, _n=name, _f=real, **kw: (
-                reads.append(_n), _f(*a, **kw))[1])
-
-        def search(k_prime):
-            reads.clear()
+        def search():
             return pipe.search("image", queries, options=QueryOptions(
                 k=6, k_prime=k_prime, diversify=False))
 
-        one_read, two_reads = search(6), search(30)
-        assert reads == ["candidates", "items"]
-        for a, b in zip(one_read, two_reads):
-            assert [h.id for h in a.hits] == [h.id for h in b.hits] and len(a.hits) == 6
-            assert [h.record for h in a.hits] == [h.record for h in b.hits]
-            assert [h.explanation for h in a.hits] == [h.explanation for h in b.hits]
-            assert any(h.explanation for h in a.hits)
-            np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in b.hits],
-                                       rtol=1e-6)
-        # rows deleted after the index saw them: dropped from the one read, counted stale
-        gone = {one_read[0].hits[1].id, one_read[2].hits[0].id}
+        def answers(results):
+            return [[(h.id, h.score, h.record, h.explanation) for h in r.hits] + [r.stale]
+                    for r in results]
+
+        def from_store():
+            with monkeypatch.context() as m:
+                m.setattr(catalog, "stored_vectors", lambda c, k: (None, 0))
+                return answers(search())
+
+        first = answers(search())
+        statements: list[str] = []
+        _trace_reads(pipe.reader, statements)
+        warm = answers(search())
+        assert warm == first and len(statements) == 1 and "sqlite_sequence" in statements[0]
+        assert warm == from_store()
+        assert any(h[3] for r in warm for h in r[:-1])  # explained
+        # a rewrite and two deletes the index has not applied: the rewritten row comes
+        # from the store (newer than the index), the deleted ones are dropped as stale
+        hit = warm[0][0][0]
+        gone = {warm[0][1][0], warm[2][0][0]}
+        store.upsert([ItemRecord(hit, "image", modality="DX")],
+                     store.get([hit], with_embeddings=True)[hit].embedding[None])
         store.delete(sorted(gone))
-        after = search(6)
-        assert reads == ["candidate_items"]
-    for before, now in zip(one_read, after):
-        want = [h.id for h in before.hits if h.id not in gone]
-        assert [h.id for h in now.hits] == want and now.stale == 6 - len(want)
-    assert [r.stale for r in after] == [1, 0, 1, 0]
+        behind = answers(search())
+        assert behind == from_store()
+        assert all(h[0] not in gone for r in behind for h in r[:-1])
+        assert sum(r[-1] for r in behind) >= 2
+        assert next(h[2] for h in behind[0][:-1] if h[0] == hit).modality == "DX"
+        catalog.sync()
+        synced = answers(search())
+        assert synced == from_store()
+        statements.clear()
+        assert answers(search()) == synced and len(statements) == 1  # warm again
+
+
+def test_item_messages_are_built_once_per_record_object():
+    from medseek.serve.messages import ItemMessages, item_message
+
+    cache = ItemMessages(maxsize=2)
+    a = ItemRecord("img-001", "image", modality="CR", labels=("effusion",),
+                   patient_pseudonym="P1")
+    b = ItemRecord("img-001", "image", modality="DX")  # the same row, rewritten
+    first = cache.get(a)
+    assert first == item_message(a) and cache.get(a) is first
+    assert cache.get(b) == item_message(b) and cache.get(b) is not first
+    equal = ItemRecord("img-001", "image", modality="CR", labels=("effusion",),
+                       patient_pseudonym="P1")
+    assert cache.get(equal) == first and cache.get(equal) is not first  # identity, not ==
+    assert len(cache) == 2  # a went first
+    assert cache.get(a) is not first and cache.get(a) == first
 
 
 # -- item_id queries inside the micro-batch ----------------------------------------------

@@ -19,11 +19,13 @@ gives it a new ``seq`` in the same transaction (``Store.upsert``), a row key is 
 reused, and a deleted row is simply not read again, so a cached record is the row as it
 was at that seq, for good.
 
-A search that ranks K' = 200 candidates per query (region rerank, diversification) reads
-them through the reader's ``RowCache`` instead (row_cache.py: ids, collections and
-provenance by row key, and children by parent, kept in step with the store's changelog)
-and takes their vectors from the ANN index's exact copies (``candidates(index_vectors=)``),
-so once warm it reads nothing from the store per candidate.
+A search reads its candidates through the reader's ``RowCache`` instead
+(``cached_candidates``; row_cache.py: ids, collections, provenance and seq by row key,
+and children by parent, kept in step with the store's changelog), takes their vectors from
+the ANN index's exact copies, and the hits' records from the record cache at the seqs of
+that read (``records_at``), so once warm a batch reads nothing from the store but the
+changelog's last seq. Where the index keeps no exact copies (IVF-PQ, Milvus) it reads the
+store: ``candidate_items`` for a plain batch, ``candidates`` and ``items`` otherwise.
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ class Candidates:
     groups : dict of str to np.ndarray, int64, shape (n,), or None
         The provenance as group codes (``diversify.group_codes``), when the read had them
         (through the ``RowCache``); None otherwise.
+    seqs : np.ndarray, int64, shape (n,), or None
+        Each row's seq as of the read, when it went through the ``RowCache`` (``records_at``
+        takes the hits' records at exactly these seqs); None otherwise.
     """
 
     row_keys: np.ndarray
@@ -89,6 +94,7 @@ class Candidates:
     provenance: dict[str, list[str | None]] = field(repr=False)
     embeddings: np.ndarray = field(repr=False)
     groups: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    seqs: np.ndarray | None = field(default=None, repr=False)
 
 
 class ChildRow(NamedTuple):
@@ -304,7 +310,7 @@ class StoreReader:
         """
         keys = _check_keys(row_keys)
         if index_vectors is not None:
-            got = self._candidates_from_index(keys, index_vectors)
+            got = self.cached_candidates(keys, index_vectors)
             if got is not None:
                 return got
         rows = self._execute(_CANDIDATE_SQL, (self.model, json.dumps(keys.tolist())))
@@ -317,17 +323,34 @@ class StoreReader:
         embs = np.frombuffer(b"".join(r[-1] for _, r in found), dtype="<f4")
         return _candidates(found, embs.astype(np.float32).reshape(len(found), d))
 
-    def _candidates_from_index(self, keys: np.ndarray, index_vectors: IndexVectors
-                               ) -> Candidates | None:
-        """``candidates`` through ``self.row_cache`` with the vectors from the index; None
-        when the index cannot give them all (``candidates``' docstring)."""
-        cached = self.row_cache.rows(self._con_here(), keys)
+    def cached_candidates(self, row_keys: np.ndarray, index_vectors: IndexVectors
+                          ) -> Candidates | None:
+        """``candidates`` through ``self.row_cache`` with the vectors from the index (its
+        seqs set, for ``records_at``); None when the index cannot give them all
+        (``candidates``' docstring). Once the rows are cached this reads nothing from the
+        store but the changelog's last seq."""
+        cached = self.row_cache.rows(self._con_here(), _check_keys(row_keys))
         vectors = rows_with_vectors(cached, index_vectors)
         if vectors is None:
             return None
         return Candidates(cached.row_keys, cached.positions, cached.ids, cached.collections,
                           cached.provenance, np.asarray(vectors, dtype=np.float32),
-                          cached.groups)
+                          cached.groups, cached.seqs)
+
+    def records_at(self, row_keys: np.ndarray, seqs: np.ndarray) -> dict[int, ItemRecord]:
+        """The records of rows as they were at ``seqs`` (e.g. the hits of candidates read
+        through ``cached_candidates``), by row key: from ``self.records`` where that
+        ``(row_key, seq)`` is cached, the others in one store read (a row rewritten since
+        comes back as it is now; a row deleted since is absent)."""
+        keys = _check_keys(row_keys).tolist()
+        recs = self.records.get_many(list(zip(keys, np.asarray(seqs).tolist())))
+        out = {k: r for k, r in zip(keys, recs) if r is not None}
+        missing = [k for k, r in zip(keys, recs) if r is None]
+        if missing:
+            for it in self.items(np.array(missing, dtype=np.int64)):
+                if it is not None:
+                    out[it.row_key] = it.record
+        return out
 
     def candidate_items(self, row_keys: np.ndarray) -> tuple[Candidates, dict[int, ItemRecord]]:
         """``candidates`` and the same rows' records, in ONE read.

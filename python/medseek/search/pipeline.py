@@ -9,11 +9,12 @@ embeddings; the truth):
 2. *ann*: exact or approximate top-K' by cosine in the collection's index.
 3. *fetch*: the candidates' ids, provenance and embeddings (full records are read for
    the final hits only); row keys the index still holds but the store no longer does
-   (deleted, not yet caught up) are dropped and counted as ``stale``. With K' > k the
-   ids and provenance come from the reader's ``RowCache`` (kept in step with the store's
-   changelog, so no per-candidate store read once warm) and the vectors from the index's
-   exact copies (flat, HNSW) for rows it has caught up with; otherwise (IVF-PQ, Milvus,
-   a candidate written after the index's seq) from one store read.
+   (deleted, not yet caught up) are dropped and counted as ``stale``. The ids and
+   provenance come from the reader's ``RowCache`` (kept in step with the store's
+   changelog, so no per-candidate store read once warm), the vectors from the index's
+   exact copies (flat, HNSW) for rows it has caught up with, and the hits' records from
+   the reader's record cache at the rows' seqs; otherwise (IVF-PQ, Milvus, a candidate
+   written after the index's seq) from one store read.
 4. *rerank* (with a ``RegionQuery``): region children of the candidates (collection
    ``region_collection``, same ``parent_id``, same region name) give the region
    embedding; a region child with a ``z_range`` whose parent has chunk children
@@ -34,10 +35,11 @@ defaults, so one pipeline serves every MMR weight and nothing is cached per opti
 Stages hand each other named records (stages.py). A batch of queries runs in two steps,
 which a server may put on different threads:
 ``ann`` (filter + ANN, once for the batch, under the index's lock) and ``finish`` (the
-rest, with at most ONE store read per batch for the candidates, one for their region
-children (through the ``RowCache`` too) and one for the hits' records; when every
-candidate is a hit (K' = k, the plain search) the candidates' read brings their records
-too, so a plain batch reads the store once). What does not depend on the query is done
+rest: once the caches are warm, a batch whose index holds exact vectors reads only the
+changelog's last seq; otherwise at most ONE store read per batch for the candidates, one
+for their region children (through the ``RowCache`` too) and one for the hits' records,
+and when every candidate is a hit (K' = k, the plain search) the candidates' read brings
+their records too). What does not depend on the query is done
 once per batch: the candidates' provenance group codes, the region embedding each
 candidate stands for (``RegionTable``). The explanations of all hits of a batch are
 scored together (one concept scoring of the queries, one of the hits), so their cost
@@ -198,21 +200,24 @@ class SearchPipeline:
             raise ValueError(f"region.embedding must have one row per query ({n_q}), "
                              f"got shape {region.embedding.shape}")
         timings = [dict.fromkeys(STAGES, 0.0) for _ in range(n_q)]
-        # fetch: one read for the candidates of every query; with K' <= k every live
-        # candidate is a hit, so the same read brings the records the hits need
+        # fetch: the candidates of every query through the reader's row cache, their
+        # vectors from the index where it holds them exactly (no store read once warm);
+        # else one store read, which with K' <= k (every live candidate is a hit) brings
+        # the records the hits need too
         t = time.perf_counter()
         valid = batch.keys >= 0
         records = None
         keys = np.unique(batch.keys[valid])  # sorted by row key
-        if opts.k_prime <= opts.k:
-            cands, records = self.reader.candidate_items(keys)
-        else:  # the candidates' vectors from the index where it holds them exactly
-            cands = self.reader.candidates(keys, index_vectors=functools.partial(
-                self.catalog.stored_vectors, collection))
-        table = CandidateTable.of(cands, collection, groups=opts.diversify)
         # an index scoring from compressed codes (IVF-PQ, Milvus PQ/SQ) is re-scored exactly
         # from the store's vectors, which the candidates carry anyway
         rescore = not getattr(self.catalog.index(collection), "scores_exact", True)
+        cands = None if rescore else self.reader.cached_candidates(
+            keys, functools.partial(self.catalog.stored_vectors, collection))
+        if cands is None and opts.k_prime <= opts.k:
+            cands, records = self.reader.candidate_items(keys)
+        elif cands is None:
+            cands = self.reader.candidates(keys)
+        table = CandidateTable.of(cands, collection, groups=opts.diversify)
         per_query = [table.query(batch.keys[qi][valid[qi]], batch.scores[qi][valid[qi]],
                                  queries[qi] if rescore else None)
                      for qi in range(n_q)]
@@ -241,12 +246,15 @@ class SearchPipeline:
         bank = self.collection_concepts.get(collection, self.concepts)
         explanations = self._explain(per_query, ranked, queries, opts, bank)
         shared_explain = time.perf_counter() - t
-        if records is None:  # the hits' full records: one read for the batch
+        if records is None:  # the hits' full records: cached, or one read for the batch
             t = time.perf_counter()
-            wanted = [c.row_keys[r.picks] for c, r in zip(per_query, ranked) if r is not None]
-            keys = np.concatenate(wanted) if wanted else np.empty(0, np.int64)
-            found = self.reader.items(np.unique(keys))
-            records = {it.row_key: it.record for it in found if it is not None}
+            wanted = [c.batch_rows[r.picks] for c, r in zip(per_query, ranked) if r is not None]
+            rows = np.unique(np.concatenate(wanted)) if wanted else np.empty(0, np.int64)
+            if cands.seqs is not None:  # as of the candidates' read
+                records = self.reader.records_at(cands.row_keys[rows], cands.seqs[rows])
+            else:
+                found = self.reader.items(cands.row_keys[rows])
+                records = {it.row_key: it.record for it in found if it is not None}
             shared_fetch += time.perf_counter() - t
         results = []
         for qi in range(n_q):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import threading
+
 import numpy as np
 
 from medseek.index import ItemRecord
@@ -28,3 +31,43 @@ def item_message(record: ItemRecord, embedding: np.ndarray | None = None) -> pb.
     if embedding is not None:
         msg.embedding.extend(embedding.tolist())
     return msg
+
+
+class ItemMessages:
+    """``item_message`` of records answered before, kept by record *identity*.
+
+    The store reader's record cache hands back the same ``ItemRecord`` object for a row
+    until the row is rewritten (``index/reader.py``), so a hit's ``Item`` message is built
+    once per version of the row, not once per answer. An entry holds its record, so no
+    other object can take that identity while the entry lives; a rewritten row comes back
+    as a new object and gets its own entry. Thread-safe (the search threads share one).
+    Callers copy the message (``Hit(item=...)``), never change it.
+
+    Parameters
+    ----------
+    maxsize : int
+        Messages kept; the least recently used go first.
+    """
+
+    def __init__(self, maxsize: int = 8192) -> None:
+        self.maxsize = maxsize
+        self._msgs: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._msgs)
+
+    def get(self, record: ItemRecord) -> pb.Item:
+        key = id(record)
+        with self._lock:
+            got = self._msgs.get(key)
+            if got is not None and got[0] is record:
+                self._msgs.move_to_end(key)
+                return got[1]
+        msg = item_message(record)
+        with self._lock:
+            self._msgs[key] = (record, msg)
+            self._msgs.move_to_end(key)
+            while len(self._msgs) > self.maxsize:
+                self._msgs.popitem(last=False)
+        return msg

@@ -21,7 +21,7 @@ from medseek.search.stages import AnnBatch
 
 from . import ingest as ing
 from .errors import NotFound
-from .messages import item_message
+from .messages import ItemMessages
 from .v1 import retrieval_pb2 as pb
 
 __all__ = ["BatchQuery", "Prepared", "SearchSteps"]
@@ -74,6 +74,7 @@ class SearchSteps:
         self.reader = store.reader()  # item lookups, on the index thread (own connection)
         self._seen_seq = 0  # shares_store: the store seq this index has caught up to
         self._stage_children: dict = {}  # stage name -> its child of metrics.stage
+        self._items = ItemMessages()  # the hits' Item messages, built once per row version
 
     def close(self) -> None:
         self.reader.close()
@@ -200,13 +201,13 @@ class SearchSteps:
             resp.dup_threshold = result.dup_threshold
             resp.near_duplicate_shortfall = result.near_duplicate_shortfall
             resp.notice = result.notice or ""
+        items = self._items
         for h in hits:
             hit = resp.hits.add(id=h.id, score=h.score, global_score=h.global_score,
                                 matched_region=h.matched_region or "",
-                                region_id=h.region_id or "")
+                                region_id=h.region_id or "", item=items.get(h.record))
             if h.region_score is not None:
                 hit.region_score = h.region_score
-            hit.item.CopyFrom(item_message(h.record))
             for c in h.explanation or ():
                 hit.concepts.add(name=c.concept, query_score=c.query_score,
                                  hit_score=c.hit_score, contribution=c.contribution)

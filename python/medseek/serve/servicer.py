@@ -79,6 +79,12 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                                      self.index_pool, self.unavailable, self.reident)
         self.drafts = DraftService(config, self.encoding, store, pipeline, self.queries,
                                    self.index_pool)
+        # queue depths are read when the metrics are scraped, not written on every call
+        queue = metrics.queue
+        queue.labels("encode").set_function(lambda: self.encoding.depth)
+        for name, lane in self.encoding.lanes.items():
+            queue.labels(f"encode_{name}").set_function(lambda lane=lane: lane.depth)
+        queue.labels("search").set_function(lambda: self.search_batcher.depth)
 
     @property
     def encode_batcher(self):
@@ -117,12 +123,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             self._observe(method, code, t0)
 
     def _observe(self, method: str, code: grpc.StatusCode, t0: float) -> None:
-        """Latency of one call (or one request of a stream) by status; queue depths."""
+        """Latency of one call (or one request of a stream) by status."""
         self.metrics.rpc.labels(method, code.name).observe(time.perf_counter() - t0)
-        self.metrics.queue.labels("encode").set(self.encoding.depth)
-        for name, lane in self.encoding.lanes.items():
-            self.metrics.queue.labels(f"encode_{name}").set(lane.depth)
-        self.metrics.queue.labels("search").set(self.search_batcher.depth)
 
     def _request_ids(self, ids) -> list[str]:
         """The ids of a Get or Delete, costed before the index thread sees them: at most
