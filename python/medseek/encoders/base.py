@@ -49,6 +49,8 @@ class EncoderSpec:
     target_spacing : (z, y, x) mm volumes were resampled to in training (volume models;
         None in specs written before it was recorded)
     window : (center, width) HU volumes were windowed with in training (volume models)
+    blend_window : a second (center, width) averaged with ``window`` in training
+        (``PreprocessConfig.blend_window``); None when there was none
     has_text : the model has a text tower (``text`` graph and ``tokenizer.json``); False
         for an image-only model (a DINOv2 checkpoint, :mod:`medseek.export.hf`), whose
         encoders refuse texts
@@ -75,6 +77,7 @@ class EncoderSpec:
     window: tuple[float, float] | None = None
     has_text: bool = True
     tokenizer: dict | None = None
+    blend_window: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.modality not in ("image", "volume"):
@@ -85,7 +88,7 @@ class EncoderSpec:
             object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
         if self.patch_size is not None:
             object.__setattr__(self, "patch_size", tuple(int(v) for v in self.patch_size))
-        for name, n in (("target_spacing", 3), ("window", 2)):
+        for name, n in (("target_spacing", 3), ("window", 2), ("blend_window", 2)):
             value = getattr(self, name)
             if value is not None:
                 value = tuple(float(v) for v in value)
@@ -123,7 +126,7 @@ class EncoderSpec:
         pre = cfg.preprocess
         return cls(**common, patch_size=v.patch_size, chunk_depth=v.chunk_depth,
                    chunk_overlap=v.chunk_overlap, target_spacing=pre.target_spacing,
-                   window=pre.window)
+                   window=pre.window, blend_window=pre.blend_window)
 
     def to_dict(self) -> dict:
         return asdict(self)

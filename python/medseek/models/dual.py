@@ -38,6 +38,9 @@ class PreprocessConfig:
     image_size: tuple[int, int] | None = None  # radiographs resized/padded to (H, W) px
     target_spacing: tuple[float, float, float] | None = None  # CT/MR resampled to (sz, sy, sx) mm
     window: tuple[float, float] | None = None  # CT intensity window (center, width) HU
+    # a second window averaged with ``window`` into the same channel, e.g. a lung window
+    # beside the soft-tissue one: one input that still separates what ``window`` clips
+    blend_window: tuple[float, float] | None = None
     regions: tuple[str, ...] = ()  # named regions with boxes, e.g. WristMIR's bones
 
     def __post_init__(self) -> None:
@@ -48,11 +51,15 @@ class PreprocessConfig:
                 if len(value) != n or any(not v > 0 for v in value):
                     raise ValueError(f"preprocess.{name} must be {n} positive numbers, got {value}")
                 object.__setattr__(self, name, value)
-        if self.window is not None:
-            window = tuple(self.window)
-            if len(window) != 2 or not window[1] > 0:
-                raise ValueError(f"preprocess.window must be (center, width > 0), got {window}")
-            object.__setattr__(self, "window", window)
+        for name in ("window", "blend_window"):
+            if getattr(self, name) is not None:
+                window = tuple(float(v) for v in getattr(self, name))
+                if len(window) != 2 or not window[1] > 0:
+                    raise ValueError(f"preprocess.{name} must be (center, width > 0), "
+                                     f"got {window}")
+                object.__setattr__(self, name, window)
+        if self.blend_window is not None and self.window is None:
+            raise ValueError("preprocess.blend_window needs preprocess.window")
         object.__setattr__(self, "regions", tuple(self.regions))
 
 

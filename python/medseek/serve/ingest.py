@@ -244,6 +244,8 @@ def decode_volume(data: bytes, field: str, spec: PreprocessSpec, limits: ReadLim
     try:
         res = mv.resample(np.ascontiguousarray(arr), vol.spacing, spec.target_spacing)
         win = mv.window(res, *spec.window)
+        if spec.blend_window is not None:  # as the model was trained (train/data.py)
+            win = mv.blend(win, mv.window(res, *spec.blend_window))
     except (ValueError, TypeError) as exc:
         raise InvalidField(field, str(exc)) from None
     del res

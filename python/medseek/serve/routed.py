@@ -72,12 +72,15 @@ def input_geometry(encoder) -> tuple[tuple[int, int] | None, tuple[int, int] | N
 
 
 def volume_preprocessing(encoder) -> dict:
-    """``{"target_spacing": ..., "window": ...}`` that a volume encoder's spec records (the
-    preprocessing its model was trained with); empty when it records none."""
+    """``{"target_spacing": ..., "window": ..., "blend_window": ...}`` that a volume
+    encoder's spec records (the preprocessing its model was trained with); empty when it
+    records none. A spec with a window but no blend window clears the server's."""
     spec = getattr(encoder, "spec", None)
     out = {}
-    for name in ("target_spacing", "window"):
+    for name in ("target_spacing", "window", "blend_window"):
         value = getattr(spec, name, None)
         if value is not None:
             out[name] = tuple(value)
+    if "window" in out and "blend_window" not in out:
+        out["blend_window"] = None
     return out

@@ -206,9 +206,12 @@ class PreprocessSpec:
         ... and windowed with (center, width) into [0, 1]; H and W are then zero-padded
         (bottom, right) to multiples of ``volume_multiple`` (the volume model's patch
         (py, px)), as in training.
+    blend_window : (float, float), optional
+        A second window averaged with ``window`` (``medseek.volume.blend``), for a model
+        trained so (``PreprocessConfig.blend_window``).
 
     The server replaces ``image_size``, ``volume_multiple``, and for a volume model whose
-    spec records them ``target_spacing`` and ``window``, by what its encoder declares
+    spec records them ``target_spacing``, ``window`` and ``blend_window``, by what its encoder declares
     (``medseek.serve.routed.input_geometry``): a model is served with the preprocessing it
     was trained and measured with.
     """
@@ -217,6 +220,7 @@ class PreprocessSpec:
     target_spacing: float | tuple[float, float, float] = 4.0
     window: tuple[float, float] = (40.0, 400.0)
     volume_multiple: tuple[int, int] = (1, 1)
+    blend_window: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         size = tuple(int(v) for v in self.image_size)
@@ -231,10 +235,14 @@ class PreprocessSpec:
             object.__setattr__(self, "target_spacing", spacing)
         if not all(v > 0 for v in (spacing if isinstance(spacing, tuple) else (spacing,))):
             raise ValueError(f"target_spacing must be > 0 mm, got {self.target_spacing!r}")
-        window = tuple(float(v) for v in self.window)
-        if len(window) != 2 or not window[1] > 0:
-            raise ValueError(f"window must be (center, width > 0), got {self.window!r}")
-        object.__setattr__(self, "window", window)
+        for name in ("window", "blend_window"):
+            if name == "blend_window" and self.blend_window is None:
+                continue
+            window = tuple(float(v) for v in getattr(self, name))
+            if len(window) != 2 or not window[1] > 0:
+                raise ValueError(f"{name} must be (center, width > 0), "
+                                 f"got {getattr(self, name)!r}")
+            object.__setattr__(self, name, window)
         multiple = tuple(int(v) for v in self.volume_multiple)
         if len(multiple) != 2 or min(multiple) < 1:
             raise ValueError(f"volume_multiple must be two ints >= 1, got {self.volume_multiple!r}")

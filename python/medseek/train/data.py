@@ -159,9 +159,14 @@ class PairDataset:
         arr = vol.array
         if arr.dtype not in (np.int16, np.uint16, np.float32):
             arr = arr.astype(np.float32)
+        arr = np.ascontiguousarray(arr)
         chunks, z_start, valid = mv.resample_window_chunk(
-            np.ascontiguousarray(arr), vol.spacing, pre.target_spacing, pre.window[0], pre.window[1],
+            arr, vol.spacing, pre.target_spacing, pre.window[0], pre.window[1],
             v.chunk_depth, v.chunk_overlap)
+        if pre.blend_window is not None:  # the two windows' mean (the padding stays 0)
+            chunks = mv.blend(chunks, mv.resample_window_chunk(
+                arr, vol.spacing, pre.target_spacing, *pre.blend_window, v.chunk_depth,
+                v.chunk_overlap)[0])
         pz, py, px = v.patch_size
         pad_h, pad_w = (-chunks.shape[2]) % py, (-chunks.shape[3]) % px  # H, W to patch multiples
         if pad_h or pad_w:

@@ -48,6 +48,7 @@ from medseek.volume._checks import (
 __all__ = [
     "resample",
     "window",
+    "blend",
     "chunk",
     "patchify",
     "resample_window_chunk",
@@ -90,6 +91,16 @@ def window(vol: np.ndarray, center: float, width: float) -> np.ndarray:
     check_volume(vol)
     c, w = check_window(center, width)
     return _volume.window(vol, c, w)
+
+
+def blend(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The mean of the same volume under two windows (``PreprocessConfig.blend_window``):
+    one channel that keeps the first window's contrast at half strength and adds the
+    second's where the first clips (e.g. lung and emphysema beside soft tissue). Training
+    blends the fused op's chunks, serving the windowed volume: the same float32 sum."""
+    if first.shape != second.shape:
+        raise ValueError(f"blend needs equal shapes, got {first.shape} and {second.shape}")
+    return np.ascontiguousarray(0.5 * (first + second), dtype=np.float32)
 
 
 def chunk(
