@@ -5,6 +5,7 @@ channel, the same in training (the fused op's chunks) and serving (the windowed 
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -66,11 +67,7 @@ def test_training_and_serving_give_the_tower_the_same_tokens(ct_corpus, blend):
     assert spec.blend_window == blend
     assert EncoderSpec.from_dict(spec.to_dict()) == spec  # as Triton's spec.json carries it
 
-    class Served:  # what the server reads of an encoder
-        pass
-
-    served = Served()
-    served.spec = spec
+    served = SimpleNamespace(spec=spec)  # what the server reads of an encoder
     v = cfg.vision
     # as the server does it: a configured blend window gives way to the spec's choice
     pre = replace(PreprocessSpec(blend_window=(0.0, 10.0),

@@ -211,9 +211,9 @@ class PreprocessSpec:
         trained so (``PreprocessConfig.blend_window``).
 
     The server replaces ``image_size``, ``volume_multiple``, and for a volume model whose
-    spec records them ``target_spacing``, ``window`` and ``blend_window``, by what its encoder declares
-    (``medseek.serve.routed.input_geometry``): a model is served with the preprocessing it
-    was trained and measured with.
+    spec records them ``target_spacing``, ``window`` and ``blend_window``, by what its
+    encoder declares (``medseek.serve.routed.input_geometry``): a model is served with the
+    preprocessing it was trained and measured with.
     """
 
     image_size: tuple[int, int] = (64, 64)
@@ -235,9 +235,8 @@ class PreprocessSpec:
             object.__setattr__(self, "target_spacing", spacing)
         if not all(v > 0 for v in (spacing if isinstance(spacing, tuple) else (spacing,))):
             raise ValueError(f"target_spacing must be > 0 mm, got {self.target_spacing!r}")
-        for name in ("window", "blend_window"):
-            if name == "blend_window" and self.blend_window is None:
-                continue
+        names = ("window",) if self.blend_window is None else ("window", "blend_window")
+        for name in names:
             window = tuple(float(v) for v in getattr(self, name))
             if len(window) != 2 or not window[1] > 0:
                 raise ValueError(f"{name} must be (center, width > 0), "
