@@ -11,6 +11,9 @@ seconds. The server runs in its own process (``python benchmarks/test_search.py 
 with ``item_id`` queries: the query vector is the item's stored embedding, so no encoder
 runs per query; explanations (14 concepts) run as in production. Server settings can be
 overridden with ``MEDSEEK_BENCH_SERVER='{"faiss_threads": 2, "search_batch": {"linger": 0}}'``.
+The ``1m-hnsw`` case serves the image collection from an HNSW index instead (``KINDS``;
+built once from the flat one, ~10 min for 1M on a quiet 2-core VM) and times raw FAISS on
+the same index: the issue's "gRPC at 32 clients against raw FAISS with HNSW at 1M".
 
 Each round runs, one after the other (interleaved, so machine load hits both alike):
 
@@ -41,7 +44,8 @@ throughput over raw FAISS ``b=32`` (median of the per-round ratios), every servi
 ratio in ``ratios``. ``MEDSEEK_BENCH_REPEAT`` does not apply.
 
     pytest benchmarks/test_search.py -p no:cacheprovider -s -k 20k   # seconds (cached)
-    pytest benchmarks/test_search.py -p no:cacheprovider -s -k 1m    # first run builds ~1M
+    pytest benchmarks/test_search.py -p no:cacheprovider -s -k "1m and not hnsw"  # builds ~1M
+    pytest benchmarks/test_search.py -p no:cacheprovider -s -k 1m-hnsw  # + HNSW (~10 min)
 """
 
 from __future__ import annotations
@@ -65,6 +69,11 @@ from bench_gate import record_ratio
 DIM, K, K_PRIME, MAX_BATCH, REGION_EVERY, CHUNK = 256, 10, 200, 32, 4, 10_000
 SIZES = {"20k": 20_000, "1m": 1_000_000}
 ROUNDS = {"20k": 3, "1m": 3}
+#: The image collection's index for a ``<size>-<kind>`` parameter (``serve``'s ``[index]``
+#: table; regions stay exact). HNSW at M 16 / efConstruction 64: recall@10 0.979 at 1M
+#: (RESULTS "Index kinds"), a third of the build time of the serve default (M 32 / 200).
+KINDS = {"flat": {"kind": "flat"},
+         "hnsw": {"kind": "hnsw", "hnsw_m": 16, "ef_construction": 64, "ef_search": 64}}
 REGION = "distal_radius"
 CACHE = Path(__file__).resolve().parents[1] / "runs" / "bench_search"
 _FORMAT = 1  # bump when the generated store changes
@@ -137,6 +146,41 @@ def build_store(n: int) -> Path:
     return root
 
 
+def index_dir(root: Path, kind: str) -> Path:
+    """Where the saved indexes of ``kind`` are (``build_kind`` writes them)."""
+    return root / ("index" if kind == "flat" else f"index-{kind}")
+
+
+def build_kind(root: Path, kind: str) -> Path:
+    """The saved indexes the server and raw FAISS use for ``kind``: the flat ones
+    ``build_store`` wrote, or (first use) the image collection rebuilt as ``KINDS[kind]``
+    beside a copy of the flat region index."""
+    from medseek.index.faiss_index import FaissIndex
+    from medseek.serve.config import index_config
+
+    out = index_dir(root, kind)
+    if kind == "flat":
+        return out
+    marker = out / "done.json"
+    if marker.exists() and json.loads(marker.read_text()) == KINDS[kind]:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    flat = FaissIndex.load(root / "index" / "image.npz")
+    index = FaissIndex(DIM, index_config(KINDS[kind]))
+    keys = flat.ids()
+    for start in range(0, keys.size, 50_000):
+        part = keys[start:start + 50_000]
+        index.add(part, flat.stored_vectors(part))
+        print(f"  {kind}: {start + part.size}/{keys.size}, {time.perf_counter() - t0:.0f} s",
+              flush=True)
+    index.metadata = flat.metadata
+    index.save(out / "image.npz")
+    (out / "region.npz").write_bytes((root / "index" / "region.npz").read_bytes())
+    marker.write_text(json.dumps(KINDS[kind]))
+    return out
+
+
 def save_indexes(store, index_dir: Path) -> None:
     """Flat indexes of every collection, saved as ``Catalog`` saves them.
 
@@ -188,31 +232,56 @@ class HashEncoder:
         raise ValueError("the benchmark encoder encodes texts only")
 
 
-def server_config(root: Path, **overrides):
-    from medseek.serve.config import BatchConfig, ServeConfig
+def server_config(root: Path, kind: str = "flat", **overrides):
+    from medseek.index.faiss_index import FaissConfig
+    from medseek.serve.config import BatchConfig, ServeConfig, index_config
 
     overrides = dict(overrides)
     if isinstance(overrides.get("search_batch"), dict):  # e.g. {"linger": 0}
         overrides["search_batch"] = BatchConfig(**overrides["search_batch"])
-    cfg = ServeConfig(store_path=root / "store.db", index_dir=root / "index", port=0,
-                      metrics_port=0, grace_s=5.0, **overrides)
+    cfg = ServeConfig(store_path=root / "store.db", index_dir=index_dir(root, kind), port=0,
+                      metrics_port=0, grace_s=5.0, index=index_config(KINDS[kind]),
+                      index_per_collection={"region": FaissConfig()}, **overrides)
     assert cfg.search_batch.max_batch == MAX_BATCH, "raw FAISS batches are sized MAX_BATCH"
     return cfg
 
 
-def _serve(root: Path, port_file: Path, overrides: dict) -> None:
+def name_os_threads() -> None:
+    """Give each Python thread started from now on its name at the OS level too (Linux
+    ``prctl(PR_SET_NAME)``, 15 bytes), and this one "main-loop", so that per-thread CPU
+    (``ServerProcess.thread_cpu_s``, ``top -H``) says which thread spent it."""
+    import ctypes
+    import threading
+
+    try:
+        prctl = ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):  # not Linux: leave the names
+        return
+    start = threading.Thread._bootstrap_inner
+
+    def named(thread):
+        prctl(15, thread.name[:15].encode(), 0, 0, 0)
+        return start(thread)
+
+    threading.Thread._bootstrap_inner = named
+    prctl(15, b"main-loop", 0, 0, 0)
+
+
+def _serve(root: Path, port_file: Path, kind: str, overrides: dict) -> None:
     from medseek.serve.server import serve
+
+    name_os_threads()
 
     def ready(server, port):
         port_file.write_text(json.dumps({"port": port, "metrics": server.metrics_port}))
 
-    serve(server_config(root, **overrides), HashEncoder(), ready)
+    serve(server_config(root, kind, **overrides), HashEncoder(), ready)
 
 
 class ServerProcess:
     """``python benchmarks/test_search.py serve ...`` with its port, CPU time and peak RSS."""
 
-    def __init__(self, root: Path, overrides: dict) -> None:
+    def __init__(self, root: Path, kind: str, overrides: dict) -> None:
         self.port_file = root / "port.json"
         self.port_file.unlink(missing_ok=True)
         # numpy's OpenBLAS threads spin (sched_yield) after each small matrix product of
@@ -220,7 +289,7 @@ class ServerProcess:
         env = {**os.environ, "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS",
                                                                     "1")}
         self.proc = subprocess.Popen([sys.executable, __file__, "serve", str(root),
-                                      str(self.port_file), json.dumps(overrides)], env=env)
+                                      str(self.port_file), kind, json.dumps(overrides)], env=env)
         deadline = time.monotonic() + 900
         while not self.port_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -234,6 +303,23 @@ class ServerProcess:
     def cpu_s(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def thread_cpu_s(self) -> dict[str, float]:
+        """CPU seconds of the process's live threads, summed by OS thread name (the server
+        names them, ``name_os_threads``: main-loop, medseek-search_0, medseek-index_0, and
+        gRPC's own C threads)."""
+        out: dict[str, float] = {}
+        task = Path(f"/proc/{self.proc.pid}/task")
+        for tid in task.iterdir():
+            try:
+                stat = (tid / "stat").read_text()
+            except FileNotFoundError:  # the thread ended
+                continue
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            fields = stat.rsplit(")", 1)[1].split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / \
+                os.sysconf("SC_CLK_TCK")
+        return out
 
     def rss_mb(self, field: str = "VmHWM") -> float:
         """Peak (VmHWM) or current (VmRSS) resident memory of the server process."""
@@ -353,7 +439,9 @@ def raw_round(index, queries: np.ndarray, batch: int, n_batches: int, k: int,
 
 
 def run_benchmark(size: str, overrides: dict | None = None) -> dict:
-    """Build or load the store, start the server, run the interleaved rounds; the rows."""
+    """Build or load the store, start the server, run the interleaved rounds; the rows.
+    ``size`` is a key of ``SIZES``, optionally with ``-<kind>`` of ``KINDS`` (flat when
+    none): the image collection's index, on the server and in the raw FAISS rows."""
     import faiss
     import grpc
 
@@ -361,36 +449,41 @@ def run_benchmark(size: str, overrides: dict | None = None) -> dict:
     from medseek.serve.v1 import retrieval_pb2 as pb
     from medseek.serve.v1 import retrieval_pb2_grpc as pb_grpc
 
+    size, _, kind = size.partition("-")
+    kind = kind or "flat"
     n, work = SIZES[size], WORK[size]
     overrides = dict(overrides or {})
     root = build_store(n)
-    cfg = server_config(root, **overrides)
+    index = FaissIndex.load(build_kind(root, kind) / "image.npz")
+    cfg = server_config(root, kind, **overrides)
     # raw FAISS runs with the server's FAISS settings (see RetrievalService.__init__)
     faiss.omp_set_num_threads(cfg.faiss_threads or max(1, (os.cpu_count() or 2) - 1))
     if cfg.faiss_blas_min_batch is not None:
         faiss.cvar.distance_compute_blas_threshold = cfg.faiss_blas_min_batch * DIM
     ids = query_ids(n, 512)
     queries = query_vectors(n, ids)
-    index = FaissIndex.load(root / "index" / "image.npz")
     rows: dict[str, dict] = {}
 
     def add(name, lat, wall, count, cpu, batch_mean, load, base=None):
         r = rows.setdefault(name, {"lat": [], "qps": [], "cpu": [], "batch": [], "load": [],
-                                   "ratio": [], "base": base})
+                                   "ratio": [], "base": base, "threads": []})
         r["lat"] += lat
         r["qps"].append(count / wall)
         r["cpu"].append(cpu / count)
         r["batch"].append(batch_mean)
         r["load"].append(load)
 
-    server = ServerProcess(root, overrides)
+    server = ServerProcess(root, kind, overrides)
     try:
         async def main():
             chans = [grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") for _ in range(32)]
             stubs = [pb_grpc.RetrievalStub(c) for c in chans]
-            for region in (False, True):  # warm-up: connections, page cache, pipelines
+            # warm-up: every query id once in every mode (connections, page cache, the
+            # reader's row and record caches), so the rounds measure a server in steady state
+            for region in (False, True):
                 for diversify in (False, True):
-                    await grpc_round(stubs, ids, 1, 1, region, diversify, 0)
+                    await grpc_round(stubs, ids, len(chans), -(-len(ids) // len(chans)),
+                                     region, diversify, 0)
             for rnd in range(ROUNDS[size]):
                 load = os.getloadavg()[0]
                 off = rnd * 997
@@ -404,14 +497,16 @@ def run_benchmark(size: str, overrides: dict | None = None) -> dict:
                     per = work["c1"] if clients == 1 else work["per_client"]
                     # untimed: one request per client, so the timed ones see steady batching
                     await grpc_round(stubs, ids, clients, 1, region, diversify, off + 500)
-                    b0, c0 = server.batches(), server.cpu_s()
+                    b0, c0, t0 = server.batches(), server.cpu_s(), server.thread_cpu_s()
                     lat, wall = await grpc_round(stubs, ids, clients, per, region, diversify,
                                                  off)
-                    cpu, b1 = server.cpu_s() - c0, server.batches()
+                    cpu, b1, t1 = server.cpu_s() - c0, server.batches(), server.thread_cpu_s()
                     mean_b = (b1[0] - b0[0]) / max(1.0, b1[1] - b0[1])
                     base = ("faiss b=1" if clients == 1 else
                             "faiss b=32 K'" if region or diversify else "faiss b=32")
                     add(name, lat, wall, clients * per, cpu, mean_b, load, base)
+                    rows[name]["threads"].append({t: (v - t0.get(t, 0.0)) / (clients * per)
+                                                  for t, v in t1.items()})
                     rows[name]["ratio"].append(rows[name]["qps"][-1] / rows[base]["qps"][-1])
                 streams, inflight, per = 4, 8, 8 * work["per_client"]
                 await stream_round(stubs[:streams], ids, inflight, inflight, off + 500)
@@ -437,8 +532,10 @@ def run_benchmark(size: str, overrides: dict | None = None) -> dict:
         "ratio": statistics.median(r["ratio"]) if r["ratio"] else None,
         "base": r["base"], "cpu_ms": 1e3 * statistics.median(r["cpu"]),
         "batch": statistics.mean(r["batch"]), "load": r["load"], "n": len(r["lat"]),
+        "threads_ms": {t: 1e3 * statistics.median(d.get(t, 0.0) for d in r["threads"])
+                       for t in {t for d in r["threads"] for t in d}},
     } for name, r in rows.items()}
-    return {"size": size, "n": n, "rows": table, "server_peak_rss_mb": server_rss[0],
+    return {"size": size, "kind": kind, "n": n, "rows": table, "server_peak_rss_mb": server_rss[0],
             "server_rss_mb": server_rss[1],
             "bench_peak_rss_mb": own_rss, "overrides": overrides,
             "faiss_threads": faiss.omp_get_max_threads(),
@@ -446,7 +543,8 @@ def run_benchmark(size: str, overrides: dict | None = None) -> dict:
 
 
 def format_table(res: dict) -> str:
-    lines = [f"### {res['n']:,} images x {DIM} (flat), server settings {res['overrides'] or '{}'}"
+    lines = [f"### {res['n']:,} images x {DIM} ({KINDS[res['kind']]}), server settings "
+             f"{res['overrides'] or '{}'}"
              f" (FAISS threads {res['faiss_threads']}, BLAS threshold {res['blas_threshold']})",
              "", "| mode | qps | p50 ms | p99 ms | p99/p50 | qps / raw FAISS | CPU ms/query "
              "| mean batch | load (per round) |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -457,6 +555,9 @@ def format_table(res: dict) -> str:
             f"{r['p99_ms'] / r['p50_ms']:.2f} | {ratio} | {r['cpu_ms']:.1f} | {r['batch']:.1f} | "
             f"{' / '.join(f'{v:.1f}' for v in r['load'])} |")
     r1, r32 = res["rows"]["grpc c=1"], res["rows"]["grpc c=32"]
+    busy = sorted(((v, t) for t, v in r32["threads_ms"].items() if v >= 0.005), reverse=True)
+    lines.append("\ngrpc c=32, server CPU ms per query by thread: "
+                 + ", ".join(f"{t} {v:.2f}" for v, t in busy))
     tail = max(r["p99_ms"] / r["p50_ms"] for r in (r1, r32))
     lines.append(f"\ntargets: c=32 at {r32['ratio']:.2f}x raw FAISS (>= 0.7: "
                  f"{'met' if r32['ratio'] >= 0.7 else 'NOT met'}); worst p99/p50 {tail:.2f} "
@@ -467,7 +568,8 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.parametrize("size", [pytest.param("20k"), pytest.param("1m", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("size", [pytest.param("20k"), pytest.param("1m", marks=pytest.mark.slow),
+                                  pytest.param("1m-hnsw", marks=pytest.mark.slow)])
 def test_search_service(benchmark, size):
     overrides = json.loads(os.environ.get("MEDSEEK_BENCH_SERVER", "{}"))
     res = benchmark.pedantic(run_benchmark, args=(size, overrides), rounds=1, iterations=1)
@@ -485,4 +587,4 @@ def test_search_service(benchmark, size):
 if __name__ == "__main__" and sys.argv[1:2] == ["build"]:
     build_store(int(sys.argv[2]))
 elif __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
-    _serve(Path(sys.argv[2]), Path(sys.argv[3]), json.loads(sys.argv[4]))
+    _serve(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5]))
