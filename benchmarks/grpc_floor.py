@@ -3,8 +3,10 @@
 Three servers, each in its own process, under the same load: 32 closed-loop clients, one
 channel each (as ``benchmarks/test_search.py``'s ``grpc c=32`` row):
 
-* ``empty unary, grpc.aio``: a method that returns its request (raw bytes, no protobuf),
-  on ``grpc.aio.server``, the server medseek runs: the per-call floor of the stack;
+* ``empty unary, grpc.aio``: a method that does nothing but answer 64 request bytes with
+  1,335 response bytes (a plain search's sizes: an ``item_id`` request, ten hits), raw
+  bytes without protobuf, on ``grpc.aio.server``, the server medseek runs: the per-call
+  floor of the stack;
 * ``empty unary, grpc sync``: the same on the thread-pool server (``grpc.server``, 8
   threads), for comparison;
 * ``medseek Search``: plain ``item_id`` searches (k = 10, explanations on) on
@@ -37,16 +39,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_search as ts  # noqa: E402  (the store, server process and load of the service)
 
 CLIENTS, SERVICE = 32, "medseek.bench.Echo"
+REQUEST, RESPONSE = b"q" * 64, b"r" * 1335
 
 
 def _echo_handler(aio: bool):
     import grpc
 
     async def echo_aio(request, context):
-        return request
+        return RESPONSE
 
     def echo_sync(request, context):
-        return request
+        return RESPONSE
 
     method = grpc.unary_unary_rpc_method_handler(echo_aio if aio else echo_sync)
     return grpc.method_handlers_generic_handler(SERVICE, {"Echo": method})
@@ -94,11 +97,9 @@ class EchoProcess(ts.ServerProcess):
 
 async def echo_round(calls, per_client: int) -> float:
     """Wall seconds of ``per_client`` sequential empty calls on each of ``calls``."""
-    payload = b"x" * 64  # about a plain SearchRequest's size
-
     async def client(call):
         for _ in range(per_client):
-            assert await call(payload) == payload
+            assert await call(REQUEST) == RESPONSE
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client(c) for c in calls))
