@@ -12,10 +12,12 @@ with ``item_id`` queries: the query vector is the item's stored embedding, so no
 runs per query; explanations (14 concepts) run as in production. Server settings can be
 overridden with ``MEDSEEK_BENCH_SERVER='{"faiss_threads": 2, "search_batch": {"linger": 0}}'``.
 The ``1m-hnsw`` case serves the image collection from an HNSW index instead (``KINDS``;
-built once from the flat one, ~10 min for 1M on a quiet 2-core VM) and times raw FAISS on
+built once from the flat one, ~5 min for 1M on a quiet 2-core VM) and times raw FAISS on
 the same index: the issue's "gRPC at 32 clients against raw FAISS with HNSW at 1M".
 
-Each round runs, one after the other (interleaved, so machine load hits both alike):
+Before the rounds, every query id is searched once in every mode by 32 clients (the
+reader's row and record caches warm, as in a long-running server). Each round runs, one
+after the other (interleaved, so machine load hits both alike):
 
 * ``faiss b=1`` / ``faiss b=32``: raw ``FaissIndex.search`` (the saved index, loaded in
   this process) of batches of 1 and ``max_batch`` (32) queries, k = what the server asks
@@ -35,8 +37,9 @@ Reported per row (median over rounds): qps, p50 and p99 latency (over every requ
 every round), p99/p50, the throughput ratio to raw FAISS at the same batch size and K,
 CPU ms per query (server process utime+stime, or this process for raw FAISS; less moved
 by other jobs on the cores than wall time), the mean micro-batch size the server formed,
-and ``uptime``'s load average at the start of each round. Peak RSS of the server and of
-this process come last.
+and ``uptime``'s load average at the start of each round; then the ``grpc c=32`` row's
+server CPU per query by thread (the server names its OS threads, ``name_os_threads``);
+peak RSS of the server and of this process come last.
 
 Regression gate (``benchmarks/compare.py``): the whole measurement runs once inside
 ``benchmark.pedantic`` and records ``extra_info["ratio"]`` = the ``grpc c=32`` row's
@@ -45,7 +48,7 @@ ratio in ``ratios``. ``MEDSEEK_BENCH_REPEAT`` does not apply.
 
     pytest benchmarks/test_search.py -p no:cacheprovider -s -k 20k   # seconds (cached)
     pytest benchmarks/test_search.py -p no:cacheprovider -s -k "1m and not hnsw"  # builds ~1M
-    pytest benchmarks/test_search.py -p no:cacheprovider -s -k 1m-hnsw  # + HNSW (~10 min)
+    pytest benchmarks/test_search.py -p no:cacheprovider -s -k 1m-hnsw  # + HNSW (~5 min)
 """
 
 from __future__ import annotations
@@ -278,6 +281,12 @@ def _serve(root: Path, port_file: Path, kind: str, overrides: dict) -> None:
     serve(server_config(root, kind, **overrides), HashEncoder(), ready)
 
 
+def stat_cpu_s(stat: str) -> float:
+    """utime + stime in seconds of a ``/proc/.../stat`` line (fields after the name)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class ServerProcess:
     """``python benchmarks/test_search.py serve ...`` with its port, CPU time and peak RSS."""
 
@@ -301,8 +310,7 @@ class ServerProcess:
         self.port, self.metrics_port = info["port"], info["metrics"]
 
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return stat_cpu_s(Path(f"/proc/{self.proc.pid}/stat").read_text())
 
     def thread_cpu_s(self) -> dict[str, float]:
         """CPU seconds of the process's live threads, summed by OS thread name (the server
@@ -316,9 +324,7 @@ class ServerProcess:
             except FileNotFoundError:  # the thread ended
                 continue
             name = stat[stat.index("(") + 1:stat.rindex(")")]
-            fields = stat.rsplit(")", 1)[1].split()
-            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / \
-                os.sysconf("SC_CLK_TCK")
+            out[name] = out.get(name, 0.0) + stat_cpu_s(stat)
         return out
 
     def rss_mb(self, field: str = "VmHWM") -> float:
