@@ -565,8 +565,9 @@ def format_table(res: dict) -> str:
     lines.append("\ngrpc c=32, server CPU ms per query by thread: "
                  + ", ".join(f"{t} {v:.2f}" for v, t in busy))
     tail = max(r["p99_ms"] / r["p50_ms"] for r in (r1, r32))
-    lines.append(f"\ntargets: c=32 at {r32['ratio']:.2f}x raw FAISS (>= 0.7: "
-                 f"{'met' if r32['ratio'] >= 0.7 else 'NOT met'}); worst p99/p50 {tail:.2f} "
+    # issue 14: >= 0.5x raw FAISS at 32 clients (flat at 20k, HNSW at 1M); issue 7: p99/p50
+    lines.append(f"\ntargets: c=32 at {r32['ratio']:.2f}x raw FAISS (>= 0.5: "
+                 f"{'met' if r32['ratio'] >= 0.5 else 'NOT met'}); worst p99/p50 {tail:.2f} "
                  f"(<= 3: {'met' if tail <= 3 else 'NOT met'})")
     lines.append(f"peak RSS: server {res['server_peak_rss_mb']:.0f} MB (at the end "
                  f"{res['server_rss_mb']:.0f} MB), benchmark process (raw FAISS index, clients) "
