@@ -72,7 +72,7 @@ def test_a_server_process_freezes_start_up_and_raises_the_young_threshold(tmp_pa
     assert got["before"]["threshold"][0] != GC_THRESHOLD0  # Python's own until then
     assert got["after"]["threshold"][0] == GC_THRESHOLD0
     assert got["after"]["threshold"][1:] == got["before"]["threshold"][1:]
-    # the models, stores and pipelines built at start-up are frozen (thousands of objects)
+    # what start-up imported and built (modules, store, pipeline, ...) is frozen
     assert got["after"]["frozen"] > got["before"]["frozen"] + 1000
 
 
